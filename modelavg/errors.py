@@ -1,0 +1,5 @@
+"""The one exception type users see: printed as a single line, exit code 2, no traceback."""
+
+
+class UsageError(Exception):
+    """Bad input or misuse. The message names the file, utterance or option at fault."""
