@@ -1,0 +1,34 @@
+"""Local optimisers: torch SGD (with optional momentum) and Kaldi-style natural-gradient SGD."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+OPTIMIZERS = ("sgd", "ngsgd")
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """The optimiser named by ``cfg.optimizer``; the trainer sets the lr every epoch."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "ngsgd":
+        from modelavg.optim.ngsgd import NGSGD
+
+        return NGSGD(
+            model,
+            lr=cfg.lr,
+            rank_in=cfg.ng_rank_in,
+            rank_out=cfg.ng_rank_out,
+            update_period=cfg.ng_update_period,
+            num_samples_history=cfg.ng_samples_history,
+            alpha=cfg.ng_alpha,
+            max_change=cfg.max_change,
+            momentum=cfg.momentum,
+        )
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,5 @@
+import sys
+
+from modelavg.cli import main
+
+sys.exit(main())

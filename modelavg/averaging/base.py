@@ -1,0 +1,62 @@
+"""The averaging interface: what the replicas become at a synchronisation point.
+
+The worker loop decides *when* (every K local minibatches); an ``Averager`` decides *what*. Plain
+model averaging replaces every replica by the mean; block-momentum variants filter the mean update
+through state of their own, which they save and restore with checkpoints.
+
+Example::
+
+    averager = ModelAverager(comm)
+    averager.start(models)          # once, and again after a rollback
+    ...local steps...
+    averager.sync(models)           # every replica now holds the new global model
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from modelavg.comm.base import Communicator
+
+
+def flatten(model: nn.Module) -> torch.Tensor:
+    """All parameters of ``model`` in one contiguous buffer (one allreduce, not one per tensor)."""
+    return parameters_to_vector(model.parameters())
+
+
+def unflatten_(flat: torch.Tensor, model: nn.Module) -> None:
+    vector_to_parameters(flat, model.parameters())
+
+
+class Averager(ABC):
+    def __init__(self, comm: Communicator) -> None:
+        self.comm = comm
+        self.syncs = 0
+        self.bytes_reduced = 0
+
+    def start(self, models: list[nn.Module]) -> None:  # noqa: B027
+        """Called when the replicas hold a fresh global model (start, resume, rollback)."""
+
+    @abstractmethod
+    def _sync(self, flats: list[torch.Tensor]) -> None:
+        """Turn the local replicas' flat parameters (in place) into the new global model."""
+
+    def sync(self, models: list[nn.Module]) -> None:
+        with torch.no_grad():
+            flats = [flatten(m) for m in models]
+            self._sync(flats)
+            for flat, model in zip(flats, models, strict=True):
+                unflatten_(flat, model)
+        self.syncs += 1
+        self.bytes_reduced += flats[0].numel() * flats[0].element_size()
+
+    def state_dict(self) -> dict:
+        return {"syncs": self.syncs, "bytes_reduced": self.bytes_reduced}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.syncs = state["syncs"]
+        self.bytes_reduced = state["bytes_reduced"]

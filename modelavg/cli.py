@@ -1,0 +1,164 @@
+"""The ``modelavg`` command: parse options, call one function per sub-command.
+
+Bad input ends in one line on stderr (``modelavg: error: ...``) and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from modelavg.config import TrainConfig, config_fields, load_config
+from modelavg.errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog.split()[-1]}: {message}")
+
+
+def _type(annotation: str) -> type:
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if annotation.split(" | ")[0] == name:
+            return kind
+    return str
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field; defaults stay in the dataclass (SUPPRESS here)."""
+    parser.add_argument("--config", help="YAML file of options (the command line overrides it)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in config_fields():
+        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        kind = _type(str(f.type))
+        help_ = f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_)
+        else:
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_,
+                               choices=f.metadata.get("choices"), metavar=f.name.upper())
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in config_fields()}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return load_config(args.config, overrides)
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """Refuse a missing, unwritable or already used --out before any work starts."""
+    if cfg.out is None:
+        raise UsageError("--out is required")
+    out = Path(cfg.out)
+    has_run = (out / "checkpoints" / "LATEST").exists()
+    if cfg.resume and not has_run:
+        raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if not cfg.resume and has_run:
+        raise UsageError(f"--out {out} already holds a run: pass --resume or choose another")
+    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not os.access(parent, os.W_OK) or (out.exists() and not out.is_dir()):
+        raise UsageError(f"--out {out}: not a writable directory")
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from modelavg import launch
+
+    cfg = train_config(args)
+    check_out_dir(cfg)
+    penv = launch.detect()
+    if penv is None and not cfg.in_process and (cfg.workers or 1) > 1:
+        return launch.spawn_local(argv, cfg.workers)
+    run_training(cfg, penv)
+    return 0
+
+
+def run_training(cfg: TrainConfig, penv) -> dict:
+    import torch
+
+    from modelavg import launch
+    from modelavg.trainer import train
+
+    local = penv.local_world_size if penv and not cfg.in_process else 1
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local))
+    if penv and penv.rank != 0:
+        cfg.progress = False
+    comm = launch.connect(cfg, penv)
+    try:
+        result = train(cfg, comm)
+    finally:
+        comm.close()
+    if comm.is_main:
+        print(f"final: cv loss {result['cross_entropy']:.4f}, cv frame accuracy "
+              f"{100 * result['frame_accuracy']:.2f}% on {result['frames']} frames; "
+              f"model {Path(cfg.out) / 'final.pt'}", flush=True)
+    return result
+
+
+def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
+    from modelavg.data.frames import FrameTable
+    from modelavg.data.kaldi import read_corpus
+    from modelavg.evaluate import frame_stats, summary
+    from modelavg.model import load_model
+
+    model = load_model(args.model)
+    corpus = read_corpus(args.data, args.feats, args.targets)
+    if corpus.dim != model.spec.input_dim:
+        raise UsageError(f"{corpus.source}: feature dimension {corpus.dim}, model {args.model} "
+                         f"expects {model.spec.input_dim}")
+    for utt, t in corpus.targets.items():
+        if int(t.max()) >= model.spec.num_classes:
+            raise UsageError(f"{corpus.source}: utterance {utt} has class id {int(t.max())}, "
+                             f"the model has {model.spec.num_classes} classes")
+    table = FrameTable.from_corpus(corpus, corpus.utts)
+    result = summary(frame_stats(model, table, model.spec.context))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{corpus.source}: frame accuracy {100 * result['frame_accuracy']:.2f}%, "
+              f"cross-entropy {result['cross_entropy']:.4f}, {result['frames']} frames")
+    return 0
+
+
+def build_parser() -> tuple[Parser, dict[str, Callable]]:
+    parser = Parser(prog="modelavg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    handlers: dict[str, Callable] = {}
+
+    p = sub.add_parser("train", help="train a DNN with periodic model averaging")
+    add_train_options(p)
+    handlers["train"] = cmd_train
+
+    p = sub.add_parser("eval", help="frame accuracy and cross-entropy of a model on a data dir")
+    p.add_argument("--model", required=True, help="model file (final.pt)")
+    p.add_argument("--data", required=True, help="data directory with feats.scp, targets.scp")
+    p.add_argument("--feats", help="override feats.scp (path or rspecifier)")
+    p.add_argument("--targets", help="override targets.scp (path or rspecifier)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    handlers["eval"] = cmd_eval
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, handlers = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return handlers[args.command](args, argv)
+    except UsageError as exc:
+        print(f"modelavg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modelavg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

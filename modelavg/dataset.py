@@ -1,0 +1,113 @@
+"""From data directories to what the workers train on: shards, CV shards, normalisation, model.
+
+Every process reads the data lists and computes the same partition; each keeps only its own
+workers' shards. The normalisation statistics are summed across all workers' shards, so every
+process (and every communicator) gets identical values.
+
+Example::
+
+    data = load_training_data(cfg, comm)
+    data.train[0]          # FrameTable of this process's first worker
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modelavg.comm.base import Communicator
+from modelavg.config import TrainConfig
+from modelavg.data.frames import FrameTable, mean_std, moment_sums
+from modelavg.data.kaldi import Corpus, read_corpus
+from modelavg.data.shards import partition, rounds_per_epoch
+from modelavg.errors import UsageError
+from modelavg.model import DNN, DNNSpec
+
+
+@dataclass
+class TrainingData:
+    train: list[FrameTable]  # one per local worker
+    cv: list[FrameTable]
+    shard_frames: list[int]  # every worker's, in global worker order
+    cv_frames: int
+    num_classes: int
+    initial_model: DNN
+
+
+def split_cv(corpus: Corpus, fraction: float) -> tuple[Corpus, Corpus]:
+    """Hold out the last ``fraction`` of utterances (Kaldi's subset_data_dir_tr_cv.sh default)."""
+    utts = corpus.utts
+    n_cv = max(1, round(len(utts) * fraction))
+    if n_cv >= len(utts):
+        raise UsageError(f"{corpus.source}: too few utterances ({len(utts)}) to hold out a CV set")
+
+    def subset(keep: list[str]) -> Corpus:
+        return Corpus({u: corpus.feats[u] for u in keep},
+                      {u: corpus.targets[u] for u in keep}, corpus.source)
+
+    return subset(utts[:-n_cv]), subset(utts[-n_cv:])
+
+
+def count_classes(cfg: TrainConfig, corpora: list[Corpus]) -> int:
+    largest = max(int(t.max()) for c in corpora for t in c.targets.values())
+    if cfg.num_classes is None:
+        return largest + 1
+    for c in corpora:
+        for utt, t in c.targets.items():
+            if int(t.max()) >= cfg.num_classes:
+                raise UsageError(f"{c.source}: utterance {utt} has class id {int(t.max())}, "
+                                 f"not below --num-classes {cfg.num_classes}")
+    return cfg.num_classes
+
+
+def load_training_data(cfg: TrainConfig, comm: Communicator) -> TrainingData:
+    if cfg.data is None and cfg.feats is None:
+        raise UsageError("--data is required")
+    corpus = read_corpus(cfg.data or ".", cfg.feats, cfg.targets, skip_bad_utts=cfg.skip_bad_utts)
+    if cfg.cv is not None or cfg.cv_feats is not None:
+        cv = read_corpus(cfg.cv or ".", cfg.cv_feats, cfg.cv_targets,
+                         skip_bad_utts=cfg.skip_bad_utts)
+        if cv.dim != corpus.dim:
+            raise UsageError(f"{cv.source}: feature dimension {cv.dim}, training data has "
+                             f"{corpus.dim}")
+    else:
+        corpus, cv = split_cv(corpus, cfg.cv_fraction)
+    num_classes = count_classes(cfg, [corpus, cv])
+
+    n = comm.num_workers
+    shards = partition({u: len(m) for u, m in corpus.feats.items()}, n)
+    cv_shards = partition({u: len(m) for u, m in cv.feats.items()}, n, allow_empty=True)
+    shard_frames = [sum(len(corpus.feats[u]) for u in s) for s in shards]
+    if rounds_per_epoch(shard_frames, cfg.avg_every, cfg.minibatch) == 0:
+        raise UsageError(
+            f"--avg-every {cfg.avg_every} x --minibatch {cfg.minibatch} frames exceeds the smallest "
+            f"shard ({min(shard_frames)} frames with {n} workers): lower one of them or --workers"
+        )
+    train = [FrameTable.from_corpus(corpus, shards[w]) for w in comm.worker_ids]
+    cv_tables = [FrameTable.from_corpus(cv, cv_shards[w]) for w in comm.worker_ids]
+
+    sums = comm.sum_stats([moment_sums(t).to(comm.device) for t in train]).cpu()
+    mean, std = mean_std(sums)
+    model = initial_model(cfg, corpus.dim, num_classes)
+    model.normalize.set_stats(mean.repeat(2 * cfg.context + 1), std.repeat(2 * cfg.context + 1))
+    return TrainingData(
+        train=[t.to(comm.device) for t in train],
+        cv=[t.to(comm.device) for t in cv_tables],
+        shard_frames=shard_frames,
+        cv_frames=cv.num_frames(),
+        num_classes=num_classes,
+        initial_model=model,
+    )
+
+
+def initial_model(cfg: TrainConfig, input_dim: int, num_classes: int) -> DNN:
+    """A randomly initialised DNN, or one whose hidden layers come from ``--init``."""
+    spec = DNNSpec(input_dim=input_dim, context=cfg.context, hidden_layers=cfg.hidden_layers,
+                   hidden_dim=cfg.hidden_dim, num_classes=num_classes, activation=cfg.activation)
+    torch.manual_seed(cfg.seed)
+    if cfg.init is None:
+        return DNN(spec)
+    from modelavg.pretrained import hidden_layers_from
+
+    return hidden_layers_from(cfg.init, spec)

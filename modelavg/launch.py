@@ -1,0 +1,185 @@
+"""Joining a job: torchrun, mpirun/mpiexec (OpenMPI, MPICH), srun, or local processes we spawn.
+
+Whoever launched us, the result is a rank, a world size and a local rank; the process group then
+rendezvouses over env:// (MASTER_ADDR/MASTER_PORT), which works with the pip PyTorch wheel (its
+``mpi`` backend needs a source build; ``--backend mpi`` uses mpi4py instead).
+
+Example::
+
+    env = detect()           # None when not started by a launcher
+    comm = connect(cfg, env)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from modelavg.comm.base import Communicator
+from modelavg.comm.inprocess import InProcessCommunicator
+from modelavg.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str
+
+
+def _ints(env: dict, *names: str) -> list[int] | None:
+    if not all(n in env for n in names):
+        return None
+    return [int(env[n]) for n in names]
+
+
+def detect(env: dict | None = None) -> ProcessEnv | None:
+    """Rank, world size and local rank from the launcher's environment variables."""
+    env = dict(os.environ if env is None else env)
+    if v := _ints(env, "RANK", "WORLD_SIZE"):  # torchrun and our own spawn
+        local = int(env.get("LOCAL_RANK", 0))
+        local_size = int(env.get("LOCAL_WORLD_SIZE", v[1]))
+        return ProcessEnv(v[0], v[1], local, local_size, env.get("MODELAVG_LAUNCHER", "torchrun"))
+    if v := _ints(env, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
+        local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
+        local_size = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", v[1]))
+        return ProcessEnv(v[0], v[1], local, local_size, "mpirun")
+    if v := _ints(env, "PMI_RANK", "PMI_SIZE"):  # MPICH / Intel MPI (Hydra)
+        local = int(env.get("MPI_LOCALRANKID", 0))
+        local_size = int(env.get("MPI_LOCALNRANKS", v[1]))
+        return ProcessEnv(v[0], v[1], local, local_size, "mpiexec")
+    # Inside an sbatch script SLURM_PROCID/SLURM_NTASKS exist too; only srun sets the step's.
+    if v := _ints(env, "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        local = int(env.get("SLURM_LOCALID", 0))
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE", str(v[1]))
+        return ProcessEnv(v[0], v[1], local, int(re.match(r"\d+", per_node).group()), "srun")
+    return None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list: 'gpu[03-05,07],cpu1' -> 'gpu03'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_rendezvous(penv: ProcessEnv) -> None:
+    """Set MASTER_ADDR/MASTER_PORT for launchers that do not (mpirun, srun)."""
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        return
+    if penv.launcher == "srun" and "SLURM_STEP_NODELIST" in os.environ:
+        os.environ.setdefault("MASTER_ADDR", first_slurm_host(os.environ["SLURM_STEP_NODELIST"]))
+        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0))
+                                                 % 20000))
+        return
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UsageError(
+            f"launched by {penv.launcher} without MASTER_ADDR/MASTER_PORT: export them "
+            "(e.g. -x MASTER_ADDR=host0 -x MASTER_PORT=29500) or pip install mpi4py"
+        ) from None
+    addr = (socket.gethostname(), free_port()) if penv.rank == 0 else None
+    addr = MPI.COMM_WORLD.bcast(addr, root=0)
+    os.environ.setdefault("MASTER_ADDR", addr[0] if penv.world_size > penv.local_world_size
+                          else "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(addr[1]))
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """auto: one GPU per process (cuda:local_rank) when GPUs exist, else the CPU."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested}: no CUDA device available")
+    return device
+
+
+def connect(cfg, penv: ProcessEnv | None) -> Communicator:
+    """The communicator for this process: in-process workers or a real process group."""
+    if cfg.in_process or penv is None:
+        device = pick_device(cfg.device, 0)
+        return InProcessCommunicator(cfg.workers or 1, device)
+    if cfg.workers is not None and cfg.workers != penv.world_size:
+        raise UsageError(f"--workers {cfg.workers} but {penv.launcher} started "
+                         f"{penv.world_size} processes")
+    device = pick_device(cfg.device, penv.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.backend == "mpi":
+        from modelavg.comm.mpi import MPICommunicator
+
+        return MPICommunicator(device)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise UsageError("--backend nccl needs --device cuda")
+    ensure_rendezvous(penv)
+    from modelavg.comm.torchdist import TorchDistCommunicator
+
+    return TorchDistCommunicator(penv.rank, penv.world_size, backend, device, cfg.timeout)
+
+
+def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:
+    """Run ``modelavg <argv>`` as ``workers`` local processes; if one fails, stop the rest.
+
+    Returns the exit code: 0 when all succeed, else the first failure's code (or 128 + signal).
+    """
+    port = free_port()
+    procs = []
+    for rank in range(workers):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(workers),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(workers),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "MODELAVG_LAUNCHER": "spawn"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "modelavg", *argv], env=env))
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                rank, code = failed[0]
+                why = f"signal {-code}" if code < 0 else f"exit code {code}"
+                print(f"modelavg: error: worker rank {rank} failed ({why}); stopping the others",
+                      file=sys.stderr, flush=True)
+                stop_all(procs)
+                return 128 - code if code < 0 else code
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        stop_all(procs)
+        return 130
+
+
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -1,0 +1,570 @@
+"""RBM pretraining as in Kaldi nnet1 (`pretrain_dbn.sh`, `rbm-train-cd1-frmshuff`), brief §6.
+
+One RBM per hidden layer; the stack is a DBN whose layers initialise the DNN's sigmoid layers.
+Energies (hidden units are always Bernoulli, Gaussian visibles have unit variance)::
+
+    Bernoulli visible:  E(v, h) = -b_v.v - b_h.h - h.W v
+    Gaussian visible:   E(v, h) = |v - b_v|^2 / 2 - b_h.h - h.W v
+    p(h=1 | v) = sigmoid(W v + b_h);  E[v | h] = W^T h + b_v  (sigmoid of it for Bernoulli)
+
+CD-1 (one minibatch of N frames)::
+
+    h+ = p(h | v+)                  positive statistics use probabilities
+    s  ~ Bernoulli(h+)              the sample only drives the reconstruction
+    v- = E[v | s]                   mean reconstruction: no Gaussian noise, no Bernoulli sampling
+    h- = p(h | v-)
+    grad_W = (h+^T v+ - h-^T v-) / N,  grad_bh = mean(h+ - h-),  grad_bv = mean(v+ - v-)
+
+Update with momentum buffers (Kaldi `Rbm::RbmUpdate`; no L2 on biases)::
+
+    dW = mmt * dW + lr * (grad_W - l2 * W);   W += dW
+
+Nothing here communicates: a data-parallel driver averages ``rbm.parameters()`` between steps and
+each worker keeps its own :class:`CD1Trainer` (momentum buffers stay local, as in the paper's NNs).
+
+Example::
+
+    rbm = RBM(440, 2048, "gaussian")
+    trainer = CD1Trainer(rbm, CD1Config.for_visible_type("gaussian"), seed=0)
+    for v in minibatches:          # MINIBATCH_SIZE frames each, globally mean/var normalised
+        result = trainer.step(v)   # result.reconstruction_error, result.guard_fired, ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from modelavg.errors import UsageError
+
+VisibleType = Literal["gaussian", "bernoulli"]
+VISIBLE_TYPES: tuple[str, ...] = ("gaussian", "bernoulli")
+
+# Recipe defaults (brief §6).
+MINIBATCH_SIZE = 100
+L2 = 2e-4
+LR_GAUSSIAN = 0.01  # rbm_lrate_low: first layer
+LR_BERNOULLI = 0.4  # rbm_lrate: layers 2..
+WEIGHT_STD = 0.1  # param_stddev(_first)
+FIRST_LAYER_EPOCH_FACTOR = 2  # the Gaussian RBM runs 2 x rbm_iter epochs
+BIAS_PROB_EPS = 1e-4  # clamp for logit(p_active)
+
+DBN_FORMAT = "modelavg-dbn-1"
+
+
+# --------------------------------------------------------------------------------------------------
+# The RBM
+# --------------------------------------------------------------------------------------------------
+
+
+class RBM(nn.Module):
+    """Bernoulli-hidden RBM with Gaussian (unit variance) or Bernoulli visibles.
+
+    Parameters are plain ``nn.Parameter`` s (``weight`` H x V, ``hidden_bias`` H, ``visible_bias``
+    V) so an averaging engine can flatten ``parameters()``; they are updated by CD-1 under
+    ``no_grad``, never by autograd.
+    """
+
+    def __init__(
+        self,
+        visible_dim: int,
+        hidden_dim: int,
+        visible_type: VisibleType = "bernoulli",
+        *,
+        weight_std: float = WEIGHT_STD,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if visible_type not in VISIBLE_TYPES:
+            raise ValueError(f"visible_type {visible_type!r}: choose from {VISIBLE_TYPES}")
+        if visible_dim <= 0 or hidden_dim <= 0:
+            raise ValueError(f"RBM dims must be positive, got {visible_dim} x {hidden_dim}")
+        self.visible_dim = visible_dim
+        self.hidden_dim = hidden_dim
+        self.visible_type: VisibleType = visible_type
+        weight = torch.randn(hidden_dim, visible_dim, generator=generator) * weight_std
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.hidden_bias = nn.Parameter(torch.zeros(hidden_dim), requires_grad=False)
+        self.visible_bias = nn.Parameter(torch.zeros(visible_dim), requires_grad=False)
+
+    @property
+    def gaussian(self) -> bool:
+        return self.visible_type == "gaussian"
+
+    def hidden_probs(self, v: torch.Tensor) -> torch.Tensor:
+        """p(h=1 | v) = sigmoid(v W^T + b_h), rows are frames."""
+        return torch.sigmoid(F.linear(v, self.weight, self.hidden_bias))
+
+    def visible_mean(self, h: torch.Tensor) -> torch.Tensor:
+        """E[v | h] = h W + b_v (Gaussian) or sigmoid(h W + b_v) (Bernoulli)."""
+        pre = torch.addmm(self.visible_bias, h, self.weight)
+        return pre if self.gaussian else torch.sigmoid(pre)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.hidden_probs(v)
+
+    @torch.no_grad()
+    def reconstruct(self, v: torch.Tensor) -> torch.Tensor:
+        """Deterministic mean-field reconstruction E[v | h = p(h | v)]."""
+        return self.visible_mean(self.hidden_probs(v))
+
+    @torch.no_grad()
+    def reconstruction_error(self, v: torch.Tensor) -> float:
+        """Squared error per frame of v against its mean-field reconstruction (for monitoring)."""
+        return squared_error_per_frame(v, self.reconstruct(v))
+
+    @torch.no_grad()
+    def init_visible_bias_from_mean(
+        self, mean_activation: torch.Tensor, eps: float = BIAS_PROB_EPS
+    ) -> None:
+        """b_v = logit(p) with p clamped to [eps, 1-eps]: with W ~ 0 the model's p(v=1) matches the
+        data's mean activation from the layer below (Kaldi: "initialize biases to logit(p_active)").
+        """
+        if self.gaussian:
+            raise ValueError("logit(p_active) bias init is for Bernoulli visibles only")
+        p = mean_activation.detach().to(self.visible_bias).clamp(eps, 1.0 - eps)
+        self.visible_bias.copy_(torch.logit(p))
+
+    def extra_repr(self) -> str:
+        return f"visible={self.visible_dim} ({self.visible_type}), hidden={self.hidden_dim}"
+
+
+def squared_error_per_frame(v: torch.Tensor, recon: torch.Tensor) -> float:
+    """sum_d (v - recon)^2 averaged over frames (rows)."""
+    return float((v - recon).pow(2).sum(dim=1).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# CD-1 statistics (pure math, no state)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CD1Stats:
+    """Minibatch-averaged CD-1 gradient estimate (positive minus negative phase)."""
+
+    weight: torch.Tensor
+    hidden_bias: torch.Tensor
+    visible_bias: torch.Tensor
+    reconstruction: torch.Tensor  # v-, the negative-phase visibles
+
+
+@torch.no_grad()
+def cd1_statistics(rbm: RBM, v: torch.Tensor, generator: torch.Generator | None = None) -> CD1Stats:
+    """One CD-1 pass; the gradients are averaged over the N frames (unlike DNN fine-tuning)."""
+    pos_hid = rbm.hidden_probs(v)
+    sample = torch.bernoulli(pos_hid, generator=generator)
+    neg_vis = rbm.visible_mean(sample)
+    neg_hid = rbm.hidden_probs(neg_vis)
+    n = v.shape[0]
+    weight = (pos_hid.T @ v - neg_hid.T @ neg_vis) / n
+    return CD1Stats(
+        weight=weight,
+        hidden_bias=(pos_hid - neg_hid).mean(dim=0),
+        visible_bias=(v - neg_vis).mean(dim=0),
+        reconstruction=neg_vis,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedule
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CD1Config:
+    """Hyper-parameters of one RBM's CD-1 training (defaults: Kaldi nnet1 recipe, brief §6).
+
+    ``with_bug`` reproduces Kaldi's default ``--with-bug=true``: the momentum *used* is
+    ``momentum_max`` from the first minibatch, while the lr factor (1 - ramped momentum) still goes
+    0.5 -> 0.1. It defaults to True because the paper's DBN is the stock recipe's output, so this
+    is what produced the models being re-created; False gives the intended ramp.
+
+    ``guard_lr_decay_resets``: in Kaldi the guard's lr *= 0.9 acts on the *current* learning rate,
+    which the schedule overwrites at the next momentum step (every ``momentum_step_frames``), so
+    the decay is temporary. True reproduces that; False makes each decay permanent.
+    """
+
+    lr: float
+    l2: float = L2
+    momentum_start: float = 0.5
+    momentum_max: float = 0.9
+    momentum_steps: int = 40
+    momentum_step_frames: int = 500_000
+    with_bug: bool = True
+    guard_ratio: float = 2.0  # fire when std(v-) > guard_ratio * std(v+); Gaussian visibles only
+    guard_lr_decay: float = 0.9
+    guard_lr_decay_resets: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.l2 < 0:
+            raise ValueError(f"need lr > 0 and l2 >= 0, got lr={self.lr}, l2={self.l2}")
+        if not 0 <= self.momentum_start <= self.momentum_max < 1:
+            raise ValueError("need 0 <= momentum_start <= momentum_max < 1")
+        if self.momentum_steps <= 0 or self.momentum_step_frames <= 0:
+            raise ValueError("momentum_steps and momentum_step_frames must be positive")
+
+    @classmethod
+    def for_visible_type(cls, visible_type: VisibleType, **overrides: Any) -> CD1Config:
+        """Recipe lr: 0.01 for the Gaussian first layer, 0.4 for Bernoulli layers."""
+        lr = LR_GAUSSIAN if visible_type == "gaussian" else LR_BERNOULLI
+        return cls(**{"lr": lr, **overrides})
+
+
+def ramp_index(frames_seen: int, cfg: CD1Config) -> int:
+    """Number of completed ramp steps: floor(frames / step_frames), capped at momentum_steps."""
+    return min(frames_seen // cfg.momentum_step_frames, cfg.momentum_steps)
+
+
+def ramp_momentum(frames_seen: int, cfg: CD1Config) -> float:
+    """m(f) = m0 + (m_max - m0) * min(floor(f / 500k), 40) / 40: 0.5 -> 0.9 over 20M frames."""
+    k = ramp_index(frames_seen, cfg)
+    return cfg.momentum_start + (cfg.momentum_max - cfg.momentum_start) * k / cfg.momentum_steps
+
+
+def schedule(frames_seen: int, cfg: CD1Config, lr: float | None = None) -> tuple[float, float]:
+    """(momentum used, lr used) for the minibatch that starts after ``frames_seen`` frames.
+
+    lr_used = lr * (1 - m(f)) keeps the momentum-amplified step lr / (1 - m) constant; with the
+    bug the momentum used is m_max throughout, so early steps are 5x larger than intended.
+    """
+    m = ramp_momentum(frames_seen, cfg)
+    used = cfg.momentum_max if cfg.with_bug else m
+    return used, (cfg.lr if lr is None else lr) * (1.0 - m)
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer: momentum buffers, schedule state, explosion guard
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    reconstruction_error: float  # squared error per frame of v+ vs the CD-1 reconstruction v-
+    momentum: float
+    lr: float  # learning rate used (or that would have been used, if the guard fired)
+    guard_fired: bool = False
+    guard_scale: float = 1.0  # std(v+) / std(v-) applied to W and both biases when fired
+
+
+class CD1Trainer:
+    """Stateful CD-1 training of one RBM.
+
+    State: momentum buffers, base lr (lowered by the guard), frames seen (drives the ramp), guard
+    firings, RNG. ``frames_seen`` counts this trainer's frames; a data-parallel driver that wants
+    the ramp to follow the global frame count may add the other workers' frames to it.
+    """
+
+    def __init__(self, rbm: RBM, config: CD1Config | None = None, seed: int | None = None) -> None:
+        self.rbm = rbm
+        self.config = config or CD1Config.for_visible_type(rbm.visible_type)
+        self.lr = self.config.lr
+        self.lr_scale = 1.0  # product of guard decays since the last ramp step
+        self.frames_seen = 0
+        self.steps = 0
+        self.guard_count = 0
+        self._ramp_period = 0
+        self.generator = torch.Generator(device=rbm.weight.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self.buffers = {name: torch.zeros_like(p) for name, p in self._params().items()}
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return {
+            "weight": self.rbm.weight,
+            "hidden_bias": self.rbm.hidden_bias,
+            "visible_bias": self.rbm.visible_bias,
+        }
+
+    def current_schedule(self) -> tuple[float, float]:
+        """(momentum, lr) the next step will use, including any temporary guard decay."""
+        momentum, lr = schedule(self.frames_seen, self.config, self.lr)
+        return momentum, lr * self.lr_scale
+
+    @torch.no_grad()
+    def step(self, v: torch.Tensor) -> StepResult:
+        """One CD-1 update on the minibatch ``v`` (frames x visible_dim)."""
+        v = v.to(self.rbm.weight)
+        self._maybe_reset_guard_decay()
+        momentum, lr = self.current_schedule()
+        stats = cd1_statistics(self.rbm, v, self.generator)
+        _check_finite(v, stats.reconstruction)
+        error = squared_error_per_frame(v, stats.reconstruction)
+        self.frames_seen += v.shape[0]
+        self.steps += 1
+        if self.rbm.gaussian:
+            scale = self._guard(v, stats.reconstruction)
+            if scale is not None:
+                return StepResult(error, momentum, lr, guard_fired=True, guard_scale=scale)
+        self._apply_update(stats, momentum, lr)
+        return StepResult(error, momentum, lr)
+
+    def _maybe_reset_guard_decay(self) -> None:
+        """Kaldi re-sets the lr every momentum_step_frames (also after the ramp ends), which
+        undoes the guard's temporary decay."""
+        period = self.frames_seen // self.config.momentum_step_frames
+        if period != self._ramp_period:
+            self._ramp_period = period
+            if self.config.guard_lr_decay_resets:
+                self.lr_scale = 1.0
+
+    def _guard(self, v: torch.Tensor, recon: torch.Tensor) -> float | None:
+        """If std(v-) > 2 std(v+) the Gaussian RBM is blowing up: shrink W, b_h, b_v by
+        std(v+)/std(v-), lr *= 0.9, zero the momentum, skip the update. Returns the scale if fired.
+        """
+        data_std = float(v.std(correction=0))
+        recon_std = float(recon.std(correction=0))
+        if recon_std <= self.config.guard_ratio * data_std:
+            return None
+        scale = data_std / recon_std
+        for p in self._params().values():
+            p.mul_(scale)
+        for buf in self.buffers.values():
+            buf.zero_()
+        if self.config.guard_lr_decay_resets:
+            self.lr_scale *= self.config.guard_lr_decay
+        else:
+            self.lr *= self.config.guard_lr_decay
+        self.guard_count += 1
+        return scale
+
+    def _apply_update(self, stats: CD1Stats, momentum: float, lr: float) -> None:
+        """buf = m * buf + lr * (grad - l2 * W) (no L2 on biases); param += buf."""
+        params = self._params()
+        grads = {
+            "weight": stats.weight,
+            "hidden_bias": stats.hidden_bias,
+            "visible_bias": stats.visible_bias,
+        }
+        for name, p in params.items():
+            buf = self.buffers[name]
+            buf.mul_(momentum).add_(grads[name], alpha=lr)
+            if name == "weight" and self.config.l2:
+                buf.add_(p, alpha=-lr * self.config.l2)
+            p.add_(buf)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs besides the RBM's own parameters."""
+        return {
+            "config": asdict(self.config),
+            "buffers": {k: b.detach().clone() for k, b in self.buffers.items()},
+            "lr": self.lr,
+            "lr_scale": self.lr_scale,
+            "frames_seen": self.frames_seen,
+            "steps": self.steps,
+            "guard_count": self.guard_count,
+            "ramp_period": self._ramp_period,
+            "rng_state": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.config = CD1Config(**state["config"])
+        for name, buf in self.buffers.items():
+            buf.copy_(state["buffers"][name])
+        self.lr = float(state["lr"])
+        self.lr_scale = float(state["lr_scale"])
+        self.frames_seen = int(state["frames_seen"])
+        self.steps = int(state["steps"])
+        self.guard_count = int(state["guard_count"])
+        self._ramp_period = int(state["ramp_period"])
+        self.generator.set_state(state["rng_state"])
+
+
+def _check_finite(v: torch.Tensor, recon: torch.Tensor) -> None:
+    """Kaldi aborts on NaN/inf in CD-1 buffers; a NaN would also slip past the guard's test."""
+    if not (torch.isfinite(v).all() and torch.isfinite(recon).all()):
+        raise FloatingPointError("non-finite values in RBM input or reconstruction")
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe plan
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    index: int  # 0-based
+    visible_dim: int
+    hidden_dim: int
+    visible_type: VisibleType
+    lr: float
+    epochs: int
+
+
+def pretraining_plan(
+    input_dim: int, hidden_dim: int = 2048, depth: int = 6, rbm_iter: int = 1
+) -> list[LayerPlan]:
+    """The recipe's stack: a Gaussian RBM (lr 0.01, 2 x rbm_iter epochs), then Bernoulli RBMs
+    (lr 0.4, rbm_iter epochs). Every layer uses minibatch MINIBATCH_SIZE and l2 L2."""
+    plans = []
+    for i in range(depth):
+        first = i == 0
+        plans.append(
+            LayerPlan(
+                index=i,
+                visible_dim=input_dim if first else hidden_dim,
+                hidden_dim=hidden_dim,
+                visible_type="gaussian" if first else "bernoulli",
+                lr=LR_GAUSSIAN if first else LR_BERNOULLI,
+                epochs=rbm_iter * (FIRST_LAYER_EPOCH_FACTOR if first else 1),
+            )
+        )
+    return plans
+
+
+# --------------------------------------------------------------------------------------------------
+# DBN: stacking, files, conversion to DNN layers
+# --------------------------------------------------------------------------------------------------
+
+
+class DBN(nn.Module):
+    """A stack of RBMs; layer i's hidden probabilities are layer i+1's visible data."""
+
+    def __init__(self, rbms: Iterable[RBM] = ()) -> None:
+        super().__init__()
+        self.rbms = nn.ModuleList()
+        for rbm in rbms:
+            self.append(rbm)
+
+    def append(self, rbm: RBM) -> None:
+        if len(self.rbms) and rbm.visible_dim != self.rbms[-1].hidden_dim:
+            raise ValueError(
+                f"RBM visible dim {rbm.visible_dim} != previous hidden dim {self.output_dim}"
+            )
+        self.rbms.append(rbm)
+
+    def __len__(self) -> int:
+        return len(self.rbms)
+
+    def __iter__(self) -> Iterator[RBM]:
+        return iter(self.rbms)
+
+    def __getitem__(self, i: int) -> RBM:
+        return self.rbms[i]
+
+    @property
+    def input_dim(self) -> int:
+        return self.rbms[0].visible_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.rbms[-1].hidden_dim
+
+    @torch.no_grad()
+    def transform(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """sigmoid hidden probabilities through the first ``upto`` RBMs (all if None): the input
+        of RBM number ``upto`` in the recipe (no sampling between layers)."""
+        upto = len(self) if upto is None else upto
+        if not 0 <= upto <= len(self):
+            raise ValueError(f"upto={upto} outside 0..{len(self)}")
+        for rbm in list(self.rbms)[:upto]:
+            x = rbm.hidden_probs(x)
+        return x
+
+
+def save_dbn(
+    path: str | os.PathLike,
+    rbms: Iterable[RBM],
+    feature_transform_state: dict[str, Any] | None = None,
+) -> None:
+    """Write the stack (plain tensors, dims, types) atomically: temp file, fsync, os.replace.
+
+    ``feature_transform_state`` (e.g. the global mean/std the RBMs were trained on) must be plain
+    data - tensors, numbers, strings and containers - so it loads with ``weights_only=True``.
+    """
+    layers = [
+        {
+            "visible_dim": rbm.visible_dim,
+            "hidden_dim": rbm.hidden_dim,
+            "visible_type": rbm.visible_type,
+            "state": {k: t.detach().cpu().clone() for k, t in rbm.state_dict().items()},
+        }
+        for rbm in rbms
+    ]
+    payload = {"format": DBN_FORMAT, "layers": layers, "feature_transform": feature_transform_state}
+    _atomic_torch_save(payload, Path(path))
+
+
+def load_dbn(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[DBN, dict[str, Any] | None]:
+    """Read a file written by :func:`save_dbn`: (DBN, feature_transform_state)."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such DBN file") from None
+    except Exception as exc:  # unpickling errors come in many types
+        raise UsageError(f"{path}: not a readable DBN file ({exc.__class__.__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != DBN_FORMAT:
+        raise UsageError(f"{path}: not a {DBN_FORMAT} file")
+    dbn = DBN()
+    for layer in payload["layers"]:
+        rbm = RBM(layer["visible_dim"], layer["hidden_dim"], layer["visible_type"])
+        rbm.load_state_dict(layer["state"])
+        dbn.append(rbm.to(map_location))
+    return dbn, payload["feature_transform"]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """A crash leaves either the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where directories can be fsynced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def dbn_to_linear_layers(dbn: Iterable[RBM]) -> list[nn.Linear]:
+    """nn.Linear(V, H) per RBM with (weight, hidden_bias) copied: sigmoid(layer(x)) equals
+    rbm.hidden_probs(x), so a sigmoid DNN built from these starts as the DBN's up-pass."""
+    layers = []
+    for rbm in dbn:
+        linear = nn.Linear(rbm.visible_dim, rbm.hidden_dim)
+        with torch.no_grad():
+            linear.weight.copy_(rbm.weight)
+            linear.bias.copy_(rbm.hidden_bias)
+        layers.append(linear.to(rbm.weight.device))
+    return layers
+
+
+def kaldi_weight_std(in_dim: int, out_dim: int) -> float:
+    """nnet1 proto init: sigma = 0.1 * 35 * sqrt(2 / (d_in + d_out)); 2048 -> 8806 gives 0.0475."""
+    return 0.1 * 35.0 * math.sqrt(2.0 / (in_dim + out_dim))
+
+
+def kaldi_softmax_init(
+    in_dim: int, out_dim: int, generator: torch.Generator | None = None
+) -> nn.Linear:
+    """The new output layer put on top of the DBN: W ~ N(0, kaldi_weight_std^2), bias 0."""
+    linear = nn.Linear(in_dim, out_dim)
+    with torch.no_grad():
+        std = kaldi_weight_std(in_dim, out_dim)
+        linear.weight.copy_(torch.randn(out_dim, in_dim, generator=generator) * std)
+        linear.bias.zero_()
+    return linear
