@@ -156,8 +156,8 @@ def prepare_fashion(
     """
     if utt_size < 1:
         raise UsageError(f"utt_size must be >= 1, got {utt_size}")
-    if not 0 <= cv_fraction < 1:
-        raise UsageError(f"cv_fraction must be in [0, 1), got {cv_fraction}")
+    if not 0 < cv_fraction < 1:
+        raise UsageError(f"cv_fraction must be in (0, 1), got {cv_fraction}")
     if max_images is not None and max_images < 1:
         raise UsageError(f"max_images must be >= 1, got {max_images}")
     out = Path(out_dir)
