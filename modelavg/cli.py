@@ -50,7 +50,11 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 def train_config(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in config_fields()}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    return load_config(args.config, overrides)
+    config = args.config
+    if overrides.get("resume") and config is None and "out" in overrides:
+        saved = Path(overrides["out"]) / "config.yaml"  # resume with the run's own options
+        config = saved if saved.exists() else None
+    return load_config(config, overrides)
 
 
 def check_out_dir(cfg: TrainConfig) -> None:

@@ -36,10 +36,14 @@ class FrameTable:
         lengths = np.array([len(m) for m in mats], dtype=np.int64)
         ends = np.cumsum(lengths)
         starts = ends - lengths
-        feats = torch.from_numpy(np.concatenate(mats)) if mats else torch.zeros(0, corpus.dim)
-        targets = None
-        if corpus.targets is not None:
-            targets = torch.from_numpy(np.concatenate([corpus.targets[u] for u in utts]))
+        if not utts:  # e.g. a CV shard when there are more workers than CV utterances
+            feats = torch.zeros(0, corpus.dim)
+            targets = torch.zeros(0, dtype=torch.int64) if corpus.targets is not None else None
+        else:
+            feats = torch.from_numpy(np.concatenate(mats))
+            targets = None
+            if corpus.targets is not None:
+                targets = torch.from_numpy(np.concatenate([corpus.targets[u] for u in utts]))
         return cls(
             feats=feats,
             targets=targets,
