@@ -27,9 +27,31 @@ import numpy as np
 
 from modelavg.data.kaldi import write_data_dir
 
-MODEL = ["--hidden-layers", "6", "--hidden-dim", "1024", "--context", "5", "--activation",
-         "sigmoid", "--minibatch", "256", "--avg-every", "10", "--epochs", "1", "--schedule",
-         "constant", "--lr", "0.1", "--no-progress", "--threads", "1", "--log-every", "1000"]
+MODEL = [
+    "--hidden-layers",
+    "6",
+    "--hidden-dim",
+    "1024",
+    "--context",
+    "5",
+    "--activation",
+    "sigmoid",
+    "--minibatch",
+    "256",
+    "--avg-every",
+    "10",
+    "--epochs",
+    "1",
+    "--schedule",
+    "constant",
+    "--lr",
+    "0.1",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--log-every",
+    "1000",
+]
 
 
 def synthetic_data(path: Path, frames: int, classes: int = 2000, dim: int = 40) -> Path:
@@ -44,16 +66,31 @@ def synthetic_data(path: Path, frames: int, classes: int = 2000, dim: int = 40) 
 
 
 def run(data: Path, out: Path, *args: str) -> dict:
-    cmd = [sys.executable, "-m", "modelavg", "train", "--data", str(data), "--out", str(out),
-           "--num-classes", "2000", *MODEL, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "modelavg",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--num-classes",
+        "2000",
+        *MODEL,
+        *args,
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     start = next(x for x in lines if x["kind"] == "start")
     epoch = next(x for x in lines if x["kind"] == "epoch" and x["epoch"] == 1)
     frames = start["rounds_per_epoch"] * 10 * 256 * start["workers"]
     wall = epoch["compute_s"] + epoch["averaging_s"]
-    return {"frames_per_s": frames / wall, "averaging_share": epoch["averaging_share"],
-            "step_s": epoch["compute_s"] / (start["rounds_per_epoch"] * 10 * start["workers"])}
+    return {
+        "frames_per_s": frames / wall,
+        "averaging_share": epoch["averaging_share"],
+        "step_s": epoch["compute_s"] / (start["rounds_per_epoch"] * 10 * start["workers"]),
+    }
 
 
 def main() -> None:
@@ -79,14 +116,22 @@ def main() -> None:
     share = med(gloo, "averaging_share")
     step_ratio = med(inproc, "step_s") / med(single, "step_s")
     print(f"single worker, 1 thread:     {fps1:8.0f} frames/s")
-    print(f"2 gloo workers, 1 thread:    {fps2:8.0f} frames/s aggregate, averaging "
-          f"{100 * share:.2f}% of wall time")
-    print(f"ratio 2 gloo / 1 worker:     {fps2 / fps1:.2f}   (target >= 1.6)  "
-          f"{'MET' if fps2 / fps1 >= 1.6 else 'NOT MET'}")
-    print(f"averaging share:             {100 * share:.2f}%  (target <= 3%)  "
-          f"{'MET' if share <= 0.03 else 'NOT MET'}")
-    print(f"in-process {n_ip} workers, per-step cost / single-worker step: {step_ratio:.3f}  "
-          f"(target <= 1.1)  {'MET' if step_ratio <= 1.1 else 'NOT MET'}")
+    print(
+        f"2 gloo workers, 1 thread:    {fps2:8.0f} frames/s aggregate, averaging "
+        f"{100 * share:.2f}% of wall time"
+    )
+    print(
+        f"ratio 2 gloo / 1 worker:     {fps2 / fps1:.2f}   (target >= 1.6)  "
+        f"{'MET' if fps2 / fps1 >= 1.6 else 'NOT MET'}"
+    )
+    print(
+        f"averaging share:             {100 * share:.2f}%  (target <= 3%)  "
+        f"{'MET' if share <= 0.03 else 'NOT MET'}"
+    )
+    print(
+        f"in-process {n_ip} workers, per-step cost / single-worker step: {step_ratio:.3f}  "
+        f"(target <= 1.1)  {'MET' if step_ratio <= 1.1 else 'NOT MET'}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
@@ -103,6 +103,7 @@ def latest(root: Path) -> Path | None:
 
 def load_files(ckpt_dir: Path, workers: list[int], device: torch.device) -> tuple[dict, dict]:
     """The shared state and this process's workers' states of a checkpoint."""
+
     def load(path: Path) -> dict:
         try:
             return torch.load(path, map_location=device, weights_only=False)

@@ -35,16 +35,25 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of options (the command line overrides it)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in config_fields():
-        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        group = groups.setdefault(
+            f.metadata["group"], parser.add_argument_group(f.metadata["group"])
+        )
         flag = "--" + f.name.replace("_", "-")
         kind = _type(str(f.type))
         help_ = f"{f.metadata['help']} (default: {f.default})"
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_)
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
+            )
         else:
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_,
-                               choices=f.metadata.get("choices"), metavar=f.name.upper())
+            group.add_argument(
+                flag,
+                type=kind,
+                default=argparse.SUPPRESS,
+                help=help_,
+                choices=f.metadata.get("choices"),
+                metavar=f.name.upper(),
+            )
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -100,34 +109,44 @@ def run_training(cfg: TrainConfig, penv) -> dict:
     finally:
         comm.close()
     if comm.is_main:
-        print(f"final: cv loss {result['cross_entropy']:.4f}, cv frame accuracy "
-              f"{100 * result['frame_accuracy']:.2f}% on {result['frames']} frames; "
-              f"model {Path(cfg.out) / 'final.pt'}", flush=True)
+        print(
+            f"final: cv loss {result['cross_entropy']:.4f}, cv frame accuracy "
+            f"{100 * result['frame_accuracy']:.2f}% on {result['frames']} frames; "
+            f"model {Path(cfg.out) / 'final.pt'}",
+            flush=True,
+        )
     return result
 
 
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
-    from modelavg.data.frames import FrameTable
-    from modelavg.data.kaldi import read_corpus
-    from modelavg.evaluate import frame_stats, summary
+    from modelavg.evaluate import evaluate_data_dir, format_result
     from modelavg.model import load_model
 
-    model = load_model(args.model)
-    corpus = read_corpus(args.data, args.feats, args.targets)
-    if corpus.dim != model.spec.input_dim:
-        raise UsageError(f"{corpus.source}: feature dimension {corpus.dim}, model {args.model} "
-                         f"expects {model.spec.input_dim}")
-    for utt, t in corpus.targets.items():
-        if int(t.max()) >= model.spec.num_classes:
-            raise UsageError(f"{corpus.source}: utterance {utt} has class id {int(t.max())}, "
-                             f"the model has {model.spec.num_classes} classes")
-    table = FrameTable.from_corpus(corpus, corpus.utts)
-    result = summary(frame_stats(model, table, model.spec.context))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{corpus.source}: frame accuracy {100 * result['frame_accuracy']:.2f}%, "
-              f"cross-entropy {result['cross_entropy']:.4f}, {result['frames']} frames")
+    data = Path(args.data)
+    class_map = args.class_map
+    if class_map is None and (data.parent / "classes.txt").exists():
+        class_map = data.parent
+    train_dir = args.train_data
+    if train_dir is None and class_map is not None and (data.parent / "train").is_dir():
+        train_dir = data.parent / "train"
+    result = evaluate_data_dir(
+        load_model(args.model), data, args.feats, args.targets, class_map, train_dir
+    )
+    print(json.dumps(result) if args.json else format_result(str(data), result))
+    return 0
+
+
+def cmd_prepare_demo(args: argparse.Namespace, argv: list[str]) -> int:
+    from modelavg.data.demo import prepare_demo
+
+    prepare_demo(args.out, max_utts=args.max_utts, seed=args.seed)
+    return 0
+
+
+def cmd_prepare_fashion(args: argparse.Namespace, argv: list[str]) -> int:
+    from modelavg.data.fashion import prepare_fashion
+
+    prepare_fashion(args.out, utt_size=args.utt_size, seed=args.seed, max_images=args.max_images)
     return 0
 
 
@@ -146,7 +165,34 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
     p.add_argument("--feats", help="override feats.scp (path or rspecifier)")
     p.add_argument("--targets", help="override targets.scp (path or rspecifier)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.add_argument(
+        "--class-map",
+        help="directory with classes.txt and phones.txt for phone "
+        "accuracy and PER (default: the parent of --data, if it has them)",
+    )
+    p.add_argument(
+        "--train-data",
+        help="training data dir for the majority-class baseline and "
+        "the phone bigram (default: the sibling train/ of --data with a class map)",
+    )
     handlers["eval"] = cmd_eval
+
+    p = sub.add_parser(
+        "prepare-demo",
+        help="build the real speech demo corpus (Asterisk prompts "
+        "forced-aligned to senones with pocketsphinx)",
+    )
+    p.add_argument("--out", default="data/demo", help="output directory (default: data/demo)")
+    p.add_argument("--max-utts", type=int, help="process only this many prompts (for tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/cv/test split")
+    handlers["prepare-demo"] = cmd_prepare_demo
+
+    p = sub.add_parser("prepare-fashion", help="Fashion-MNIST (Debian package) as Kaldi data dirs")
+    p.add_argument("--out", default="data/fashion", help="output directory (default: data/fashion)")
+    p.add_argument("--utt-size", type=int, default=100, help="images per utterance")
+    p.add_argument("--max-images", type=int, help="cap the number of images (for tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cv hold-out")
+    handlers["prepare-fashion"] = cmd_prepare_fashion
     return parser, handlers
 
 

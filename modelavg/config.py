@@ -30,37 +30,46 @@ class TrainConfig:
     # data
     data: str | None = opt(None, "training data directory (feats.scp, targets.scp)", group="data")
     cv: str | None = opt(
-        None, "validation data directory; default: the last 10%% of --data's utterances", group="data"
+        None,
+        "validation data directory; default: the last 10%% of --data's utterances",
+        group="data",
     )
     feats: str | None = opt(None, "override feats.scp: a path or rspecifier", group="data")
     targets: str | None = opt(
-        None, "override targets.scp: a path or rspecifier, e.g. 'ark:gunzip -c ali.1.gz|'",
+        None,
+        "override targets.scp: a path or rspecifier, e.g. 'ark:gunzip -c ali.1.gz|'",
         group="data",
     )
     cv_feats: str | None = opt(None, "override the CV set's feats.scp", group="data")
     cv_targets: str | None = opt(None, "override the CV set's targets.scp", group="data")
     cv_fraction: float = opt(0.1, "share of --data held out when --cv is not given", group="data")
     num_classes: int | None = opt(None, "output classes (default: from the data)", group="data")
-    context: int = opt(5, "splice +-C frames around each frame (0 for non-sequential data)",
-                       group="data")
+    context: int = opt(
+        5, "splice +-C frames around each frame (0 for non-sequential data)", group="data"
+    )
     buffer_frames: int = opt(32768, "frame-shuffling buffer size per worker", group="data")
-    skip_bad_utts: bool = opt(False, "drop (and count) unusable utterances instead of failing",
-                              group="data")
+    skip_bad_utts: bool = opt(
+        False, "drop (and count) unusable utterances instead of failing", group="data"
+    )
     # model
     hidden_layers: int = opt(4, "hidden layers", group="model")
     hidden_dim: int = opt(1024, "units per hidden layer", group="model")
     activation: str = opt("sigmoid", "hidden activation", ("sigmoid", "tanh", "relu"), "model")
-    init: str | None = opt(None, "initialise hidden layers from a DBN (dbn.pt) or a model file",
-                           group="model")
+    init: str | None = opt(
+        None, "initialise hidden layers from a DBN (dbn.pt) or a model file", group="model"
+    )
     # optimisation
     optimizer: str = opt("sgd", "local optimiser", ("sgd", "ngsgd"))
     lr: float = opt(0.5, "learning rate of one worker (see --lr-scaling)")
-    lr_scaling: str = opt("linear", "multiply --lr by the number of workers (paper section 2.4)",
-                          ("linear", "none"))
+    lr_scaling: str = opt(
+        "linear", "multiply --lr by the number of workers (paper section 2.4)", ("linear", "none")
+    )
     momentum: float = opt(0.0, "SGD momentum")
     minibatch: int = opt(256, "frames per minibatch")
     epochs: int = opt(10, "epochs (the maximum, for newbob)")
-    schedule: str = opt("exponential", "learning-rate schedule", ("exponential", "newbob", "constant"))
+    schedule: str = opt(
+        "exponential", "learning-rate schedule", ("exponential", "newbob", "constant")
+    )
     final_lr_ratio: float = opt(0.01, "exponential: last epoch's lr / first epoch's lr")
     newbob_start: float = opt(0.01, "newbob: start halving below this relative CV improvement")
     newbob_end: float = opt(0.001, "newbob: stop below this relative CV improvement")
@@ -68,38 +77,51 @@ class TrainConfig:
     # natural gradient
     ng_rank_in: int = opt(20, "NG-SGD rank of the input-side Fisher factor", group="ngsgd")
     ng_rank_out: int = opt(80, "NG-SGD rank of the output-side Fisher factor", group="ngsgd")
-    ng_update_period: int = opt(4, "NG-SGD: update the Fisher estimate every N minibatches",
-                                group="ngsgd")
-    ng_samples_history: float = opt(2000.0, "NG-SGD: frames of history in the estimate",
-                                    group="ngsgd")
+    ng_update_period: int = opt(
+        4, "NG-SGD: update the Fisher estimate every N minibatches", group="ngsgd"
+    )
+    ng_samples_history: float = opt(
+        2000.0, "NG-SGD: frames of history in the estimate", group="ngsgd"
+    )
     ng_alpha: float = opt(4.0, "NG-SGD: identity smoothing of the Fisher estimate", group="ngsgd")
-    max_change: float = opt(0.075, "NG-SGD: max parameter change per frame (0 = off)",
-                            group="ngsgd")
-    ng_reset: str = opt("epoch", "NG-SGD: reset the Fisher estimates every epoch (paper) or never",
-                        ("epoch", "never"), "ngsgd")
+    max_change: float = opt(
+        0.075, "NG-SGD: max parameter change per frame (0 = off)", group="ngsgd"
+    )
+    ng_reset: str = opt(
+        "epoch",
+        "NG-SGD: reset the Fisher estimates every epoch (paper) or never",
+        ("epoch", "never"),
+        "ngsgd",
+    )
     # parallelism
-    workers: int | None = opt(None, "workers (default: from torchrun/mpirun/srun, else 1)",
-                              group="parallel")
-    in_process: bool = opt(False, "run the workers as logical workers inside one process",
-                           group="parallel")
+    workers: int | None = opt(
+        None, "workers (default: from torchrun/mpirun/srun, else 1)", group="parallel"
+    )
+    in_process: bool = opt(
+        False, "run the workers as logical workers inside one process", group="parallel"
+    )
     avg_every: int = opt(10, "average the replicas every K minibatches", group="parallel")
     averaging: str = opt("model", "averaging algorithm", ("model", "bmuf"), "parallel")
-    block_momentum: float | None = opt(None, "bmuf: block momentum (default 1 - 1/N)",
-                                       group="parallel")
+    block_momentum: float | None = opt(
+        None, "bmuf: block momentum (default 1 - 1/N)", group="parallel"
+    )
     block_lr: float = opt(1.0, "bmuf: block learning rate", group="parallel")
     backend: str = opt("auto", "communication backend", ("auto", "gloo", "nccl", "mpi"), "parallel")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N", group="parallel")
-    threads: int | None = opt(None, "torch threads per process (default: cores / local processes)",
-                              group="parallel")
-    timeout: float = opt(300.0, "seconds a collective may wait for a missing worker",
-                         group="parallel")
+    threads: int | None = opt(
+        None, "torch threads per process (default: cores / local processes)", group="parallel"
+    )
+    timeout: float = opt(
+        300.0, "seconds a collective may wait for a missing worker", group="parallel"
+    )
     # run
     out: str | None = opt(None, "output directory", group="run")
     seed: int = opt(777, "random seed (initialisation and frame order)", group="run")
     resume: bool = opt(False, "continue from the last checkpoint in --out", group="run")
     log_every: int = opt(50, "write a metrics line every M averaging rounds", group="run")
-    checkpoint_every: int = opt(0, "also checkpoint every M averaging rounds (0 = epochs only)",
-                                group="run")
+    checkpoint_every: int = opt(
+        0, "also checkpoint every M averaging rounds (0 = epochs only)", group="run"
+    )
     progress: bool = opt(True, "show a progress bar", group="run")
 
     def resolved(self) -> dict[str, Any]:

@@ -43,8 +43,9 @@ def split_cv(corpus: Corpus, fraction: float) -> tuple[Corpus, Corpus]:
         raise UsageError(f"{corpus.source}: too few utterances ({len(utts)}) to hold out a CV set")
 
     def subset(keep: list[str]) -> Corpus:
-        return Corpus({u: corpus.feats[u] for u in keep},
-                      {u: corpus.targets[u] for u in keep}, corpus.source)
+        return Corpus(
+            {u: corpus.feats[u] for u in keep}, {u: corpus.targets[u] for u in keep}, corpus.source
+        )
 
     return subset(utts[:-n_cv]), subset(utts[-n_cv:])
 
@@ -56,8 +57,10 @@ def count_classes(cfg: TrainConfig, corpora: list[Corpus]) -> int:
     for c in corpora:
         for utt, t in c.targets.items():
             if int(t.max()) >= cfg.num_classes:
-                raise UsageError(f"{c.source}: utterance {utt} has class id {int(t.max())}, "
-                                 f"not below --num-classes {cfg.num_classes}")
+                raise UsageError(
+                    f"{c.source}: utterance {utt} has class id {int(t.max())}, "
+                    f"not below --num-classes {cfg.num_classes}"
+                )
     return cfg.num_classes
 
 
@@ -66,11 +69,13 @@ def load_training_data(cfg: TrainConfig, comm: Communicator) -> TrainingData:
         raise UsageError("--data is required")
     corpus = read_corpus(cfg.data or ".", cfg.feats, cfg.targets, skip_bad_utts=cfg.skip_bad_utts)
     if cfg.cv is not None or cfg.cv_feats is not None:
-        cv = read_corpus(cfg.cv or ".", cfg.cv_feats, cfg.cv_targets,
-                         skip_bad_utts=cfg.skip_bad_utts)
+        cv = read_corpus(
+            cfg.cv or ".", cfg.cv_feats, cfg.cv_targets, skip_bad_utts=cfg.skip_bad_utts
+        )
         if cv.dim != corpus.dim:
-            raise UsageError(f"{cv.source}: feature dimension {cv.dim}, training data has "
-                             f"{corpus.dim}")
+            raise UsageError(
+                f"{cv.source}: feature dimension {cv.dim}, training data has {corpus.dim}"
+            )
     else:
         corpus, cv = split_cv(corpus, cfg.cv_fraction)
     num_classes = count_classes(cfg, [corpus, cv])
@@ -81,7 +86,8 @@ def load_training_data(cfg: TrainConfig, comm: Communicator) -> TrainingData:
     shard_frames = [sum(len(corpus.feats[u]) for u in s) for s in shards]
     if rounds_per_epoch(shard_frames, cfg.avg_every, cfg.minibatch) == 0:
         raise UsageError(
-            f"--avg-every {cfg.avg_every} x --minibatch {cfg.minibatch} frames exceeds the smallest "
+            f"--avg-every {cfg.avg_every} x --minibatch {cfg.minibatch} frames exceeds the smallest"
+            " "
             f"shard ({min(shard_frames)} frames with {n} workers): lower one of them or --workers"
         )
     train = [FrameTable.from_corpus(corpus, shards[w]) for w in comm.worker_ids]
@@ -103,8 +109,14 @@ def load_training_data(cfg: TrainConfig, comm: Communicator) -> TrainingData:
 
 def initial_model(cfg: TrainConfig, input_dim: int, num_classes: int) -> DNN:
     """A randomly initialised DNN, or one whose hidden layers come from ``--init``."""
-    spec = DNNSpec(input_dim=input_dim, context=cfg.context, hidden_layers=cfg.hidden_layers,
-                   hidden_dim=cfg.hidden_dim, num_classes=num_classes, activation=cfg.activation)
+    spec = DNNSpec(
+        input_dim=input_dim,
+        context=cfg.context,
+        hidden_layers=cfg.hidden_layers,
+        hidden_dim=cfg.hidden_dim,
+        num_classes=num_classes,
+        activation=cfg.activation,
+    )
     torch.manual_seed(cfg.seed)
     if cfg.init is None:
         return DNN(spec)

@@ -16,7 +16,9 @@ from modelavg.data.frames import FrameTable
 
 
 @torch.no_grad()
-def frame_stats(model: nn.Module, table: FrameTable, context: int, batch: int = 8192) -> torch.Tensor:
+def frame_stats(
+    model: nn.Module, table: FrameTable, context: int, batch: int = 8192
+) -> torch.Tensor:
     """[sum of per-frame cross-entropy, correct frames, frames] in float64 (exact when summed)."""
     device = next(model.parameters()).device
     stats = torch.zeros(3, dtype=torch.float64, device=device)
@@ -42,3 +44,109 @@ def summary(stats: torch.Tensor) -> dict[str, float]:
         "frame_accuracy": correct / frames_,
         "frames": int(frames),
     }
+
+
+@torch.no_grad()
+def utterance_log_probs(model: nn.Module, table: FrameTable, context: int) -> list[torch.Tensor]:
+    """Per-utterance (T x C) log posteriors, in table order (for decoding)."""
+    device = next(model.parameters()).device
+    model.eval()
+    out, lo = [], 0
+    for n in table.lengths:
+        idx = torch.arange(lo, lo + int(n))
+        out.append(torch.log_softmax(model(table.splice(idx, context).to(device)), 1).cpu())
+        lo += int(n)
+    return out
+
+
+def evaluate_data_dir(
+    model, data_dir, feats=None, targets=None, class_map=None, train_dir=None
+) -> dict:
+    """Frame accuracy and cross-entropy, with chance and majority-class baselines beside them.
+
+    With a class map (``classes.txt`` + ``phones.txt``) and ``phones.scp`` in both ``data_dir``
+    and ``train_dir``, also phone frame accuracy and the phone error rate of a Viterbi decode
+    with a frame-level phone bigram estimated from the training alignments.
+    """
+    from pathlib import Path
+
+    from modelavg import decode
+    from modelavg.data.kaldi import read_corpus
+    from modelavg.errors import UsageError
+
+    spec = model.spec
+    corpus = read_corpus(data_dir, feats, targets)
+    if corpus.dim != spec.input_dim:
+        raise UsageError(
+            f"{corpus.source}: feature dimension {corpus.dim}, the model expects {spec.input_dim}"
+        )
+    for utt, t in corpus.targets.items():
+        if int(t.max()) >= spec.num_classes:
+            raise UsageError(
+                f"{corpus.source}: utterance {utt} has class id {int(t.max())}, the "
+                f"model has {spec.num_classes} classes"
+            )
+    table = FrameTable.from_corpus(corpus, corpus.utts)
+    result = summary(frame_stats(model, table, spec.context))
+    if train_dir is None and class_map is None:
+        return result
+    result["chance_accuracy"] = decode.chance_accuracy(spec.num_classes)
+    train = read_corpus(train_dir) if train_dir else None
+    if train is not None:
+        result["majority_accuracy"] = decode.majority_accuracy(train.targets, corpus.targets)
+    phones_scp = Path(data_dir) / "phones.scp"
+    if class_map is None or train is None or not phones_scp.exists():
+        return result
+    class_to_phone, names = decode.load_class_map(class_map)
+    ref = read_corpus(data_dir, feats, str(phones_scp)).targets
+    train_phones = read_corpus(train_dir, targets=str(Path(train_dir) / "phones.scp")).targets
+    log_probs = utterance_log_probs(model, table, spec.context)
+    correct = sum(
+        int(
+            (
+                decode.senone_to_phone_posteriors(lp, class_to_phone, len(names)).argmax(1).numpy()
+                == ref[u][: len(lp)]
+            ).sum()
+        )
+        for u, lp in zip(corpus.utts, log_probs, strict=True)
+    )
+    bigram = decode.estimate_phone_bigram(train_phones.values(), len(names))
+    per = decode.phone_error_rate(
+        ((lp, ref[u][: len(lp)]) for u, lp in zip(corpus.utts, log_probs, strict=True)),
+        class_to_phone,
+        bigram,
+    )
+    result.update(
+        phone_frame_accuracy=correct / result["frames"],
+        phone_chance_accuracy=decode.chance_accuracy(len(names)),
+        phone_majority_accuracy=decode.majority_accuracy(train_phones, ref),
+        phone_error_rate=per.per,
+        phone_errors=per.errors,
+        reference_phones=per.ref_len,
+    )
+    return result
+
+
+def format_result(name: str, r: dict) -> str:
+    """One readable line per quantity, each accuracy beside its baselines."""
+
+    def pct(key: str) -> str:
+        return f"{100 * r[key]:.2f}%" if key in r else "n/a"
+
+    lines = [
+        f"{name}: {r['frames']} frames, cross-entropy {r['cross_entropy']:.4f}",
+        f"  frame accuracy {pct('frame_accuracy')}"
+        + (
+            f" (chance {pct('chance_accuracy')}, majority class {pct('majority_accuracy')})"
+            if "chance_accuracy" in r
+            else ""
+        ),
+    ]
+    if "phone_error_rate" in r:
+        lines += [
+            f"  phone frame accuracy {pct('phone_frame_accuracy')} (chance "
+            f"{pct('phone_chance_accuracy')}, majority {pct('phone_majority_accuracy')})",
+            f"  phone error rate {pct('phone_error_rate')} ({r['phone_errors']} errors / "
+            f"{r['reference_phones']} reference phones)",
+        ]
+    return "\n".join(lines)

@@ -87,8 +87,9 @@ def ensure_rendezvous(penv: ProcessEnv) -> None:
         return
     if penv.launcher == "srun" and "SLURM_STEP_NODELIST" in os.environ:
         os.environ.setdefault("MASTER_ADDR", first_slurm_host(os.environ["SLURM_STEP_NODELIST"]))
-        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0))
-                                                 % 20000))
+        os.environ.setdefault(
+            "MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000)
+        )
         return
     try:
         from mpi4py import MPI
@@ -99,8 +100,9 @@ def ensure_rendezvous(penv: ProcessEnv) -> None:
         ) from None
     addr = (socket.gethostname(), free_port()) if penv.rank == 0 else None
     addr = MPI.COMM_WORLD.bcast(addr, root=0)
-    os.environ.setdefault("MASTER_ADDR", addr[0] if penv.world_size > penv.local_world_size
-                          else "127.0.0.1")
+    os.environ.setdefault(
+        "MASTER_ADDR", addr[0] if penv.world_size > penv.local_world_size else "127.0.0.1"
+    )
     os.environ.setdefault("MASTER_PORT", str(addr[1]))
 
 
@@ -122,8 +124,9 @@ def connect(cfg, penv: ProcessEnv | None) -> Communicator:
         device = pick_device(cfg.device, 0)
         return InProcessCommunicator(cfg.workers or 1, device)
     if cfg.workers is not None and cfg.workers != penv.world_size:
-        raise UsageError(f"--workers {cfg.workers} but {penv.launcher} started "
-                         f"{penv.world_size} processes")
+        raise UsageError(
+            f"--workers {cfg.workers} but {penv.launcher} started {penv.world_size} processes"
+        )
     device = pick_device(cfg.device, penv.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -131,7 +134,9 @@ def connect(cfg, penv: ProcessEnv | None) -> Communicator:
         from modelavg.comm.mpi import MPICommunicator
 
         return MPICommunicator(device)
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    backend = (
+        cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    )
     if backend == "nccl" and device.type != "cuda":
         raise UsageError("--backend nccl needs --device cuda")
     ensure_rendezvous(penv)
@@ -148,10 +153,16 @@ def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:
     port = free_port()
     procs = []
     for rank in range(workers):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(workers),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(workers),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "MODELAVG_LAUNCHER": "spawn"}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(workers),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(workers),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "MODELAVG_LAUNCHER": "spawn",
+        }
         procs.append(subprocess.Popen([sys.executable, "-m", "modelavg", *argv], env=env))
     try:
         while True:
@@ -160,8 +171,11 @@ def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:
             if failed:
                 rank, code = failed[0]
                 why = f"signal {-code}" if code < 0 else f"exit code {code}"
-                print(f"modelavg: error: worker rank {rank} failed ({why}); stopping the others",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"modelavg: error: worker rank {rank} failed ({why}); stopping the others",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 stop_all(procs)
                 return 128 - code if code < 0 else code
             if all(c == 0 for c in codes):

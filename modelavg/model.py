@@ -85,8 +85,12 @@ def save_model(path: str | os.PathLike, model: DNN, extra: dict | None = None) -
     from modelavg.checkpoint import atomic_save
 
     atomic_save(
-        {"format": FORMAT, "spec": asdict(model.spec), "state_dict": model.state_dict(),
-         **(extra or {})},
+        {
+            "format": FORMAT,
+            "spec": asdict(model.spec),
+            "state_dict": model.state_dict(),
+            **(extra or {}),
+        },
         path,
     )
 

@@ -15,7 +15,7 @@ import os
 import torch
 
 from modelavg.errors import UsageError
-from modelavg.model import FORMAT, DNN, DNNSpec
+from modelavg.model import DNN, FORMAT, DNNSpec
 
 
 def hidden_layers_from(path: str | os.PathLike, spec: DNNSpec) -> DNN:
@@ -33,8 +33,10 @@ def hidden_layers_from(path: str | os.PathLike, spec: DNNSpec) -> DNN:
         from modelavg.rbm import dbn_to_linear_layers, load_dbn
 
         hidden = dbn_to_linear_layers(load_dbn(path))
-    want = [(spec.spliced_dim if i == 0 else spec.hidden_dim, spec.hidden_dim)
-            for i in range(spec.hidden_layers)]
+    want = [
+        (spec.spliced_dim if i == 0 else spec.hidden_dim, spec.hidden_dim)
+        for i in range(spec.hidden_layers)
+    ]
     have = [(lin.in_features, lin.out_features) for lin in hidden]
     if have != want:
         raise UsageError(

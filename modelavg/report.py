@@ -51,8 +51,16 @@ def plot_run(run_dir: str | os.PathLike, title: str = "") -> list[Path]:
     paths.append(_save(fig, run_dir / "cv.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["epoch"] - 1 + r["round"] / max(x["round"] for x in rounds if x["epoch"] == r["epoch"])
-             for r in rounds], [r["lr"] for r in rounds], ".-")
+    ax.plot(
+        [
+            r["epoch"]
+            - 1
+            + r["round"] / max(x["round"] for x in rounds if x["epoch"] == r["epoch"])
+            for r in rounds
+        ],
+        [r["lr"] for r in rounds],
+        ".-",
+    )
     ax.set(xlabel="epoch", ylabel="learning rate (all workers)", yscale="log")
     paths.append(_save(fig, run_dir / "lr.png"))
 
@@ -66,8 +74,10 @@ def plot_run(run_dir: str | os.PathLike, title: str = "") -> list[Path]:
 
 def epoch_table(metrics: list[dict]) -> str:
     """A markdown table of the per-epoch metrics."""
-    rows = ["| epoch | lr next | CV loss | CV accuracy | seconds | averaging | accepted |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| epoch | lr next | CV loss | CV accuracy | seconds | averaging | accepted |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for e in (m for m in metrics if m["kind"] == "epoch"):
         secs = e.get("compute_s", 0.0) + e.get("averaging_s", 0.0)
         rows.append(

@@ -74,7 +74,11 @@ def train(cfg: TrainConfig, comm: Communicator) -> dict:
     while epoch <= cfg.epochs:
         for r in replicas:
             set_lr(r.optimizer, schedule.lr * lr_scale)
-            if start_round == 0 and cfg.ng_reset == "epoch" and hasattr(r.optimizer, "reset_preconditioners"):
+            if (
+                start_round == 0
+                and cfg.ng_reset == "epoch"
+                and hasattr(r.optimizer, "reset_preconditioners")
+            ):
                 r.optimizer.reset_preconditioners()
         timer.reset()
         batches = [epoch_batches(cfg, r, epoch, start_round) for r in replicas]
@@ -87,7 +91,9 @@ def train(cfg: TrainConfig, comm: Communicator) -> dict:
             with timer("averaging"):
                 averager.sync(models)
             if (round_ + 1) % cfg.log_every == 0 or round_ + 1 == rounds:
-                log_round(log, comm, replicas, timer, epoch, round_ + 1, schedule.lr * lr_scale, bar)
+                log_round(
+                    log, comm, replicas, timer, epoch, round_ + 1, schedule.lr * lr_scale, bar
+                )
             mid_epoch = round_ + 1 < rounds
             if cfg.checkpoint_every and (round_ + 1) % cfg.checkpoint_every == 0 and mid_epoch:
                 save_checkpoint(cfg, comm, replicas, averager, schedule, log, epoch, round_ + 1)
@@ -102,10 +108,23 @@ def train(cfg: TrainConfig, comm: Communicator) -> dict:
             for m in models:
                 m.load_state_dict(accepted_model)
             averager.start(models)
-        leftover = comm.sum_stats([torch.tensor(float(len(r.train) - rounds * cfg.avg_every
-                                                      * cfg.minibatch)) for r in replicas])
-        log.write({"kind": "epoch", "epoch": epoch, "accepted": accepted, "lr_next": schedule.lr,
-                   "leftover_frames": int(leftover), **prefixed("cv", cv), **timer.totals()})
+        leftover = comm.sum_stats(
+            [
+                torch.tensor(float(len(r.train) - rounds * cfg.avg_every * cfg.minibatch))
+                for r in replicas
+            ]
+        )
+        log.write(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "accepted": accepted,
+                "lr_next": schedule.lr,
+                "leftover_frames": int(leftover),
+                **prefixed("cv", cv),
+                **timer.totals(),
+            }
+        )
         report_epoch(comm, epoch, cv, accepted, timer)
         epoch, start_round = epoch + 1, 0
         save_checkpoint(cfg, comm, replicas, averager, schedule, log, epoch, 0)
@@ -132,8 +151,11 @@ def local_step(replica: Replica, idx: torch.Tensor, context: int) -> None:
     replica.optimizer.step()
     with torch.no_grad():
         replica.stats += torch.stack(
-            [loss.double() * len(y), (logits.argmax(1) == y).sum().double(),
-             torch.tensor(float(len(y)), dtype=torch.float64, device=loss.device)]
+            [
+                loss.double() * len(y),
+                (logits.argmax(1) == y).sum().double(),
+                torch.tensor(float(len(y)), dtype=torch.float64, device=loss.device),
+            ]
         )
 
 
@@ -165,8 +187,16 @@ def make_replicas(cfg: TrainConfig, comm: Communicator, data: TrainingData) -> l
     replicas = []
     for i, worker in enumerate(comm.worker_ids):
         m = copy.deepcopy(model)
-        replicas.append(Replica(worker, m, build_optimizer(m, cfg), data.train[i], data.cv[i],
-                                torch.zeros(3, dtype=torch.float64, device=comm.device)))
+        replicas.append(
+            Replica(
+                worker,
+                m,
+                build_optimizer(m, cfg),
+                data.train[i],
+                data.cv[i],
+                torch.zeros(3, dtype=torch.float64, device=comm.device),
+            )
+        )
     return replicas
 
 
@@ -178,10 +208,17 @@ def averaging_options(cfg: TrainConfig) -> dict:
 
 def make_schedule(cfg: TrainConfig) -> Schedule:
     if cfg.schedule == "exponential":
-        return SCHEDULES["exponential"](lr0=cfg.lr, epochs=cfg.epochs, final_ratio=cfg.final_lr_ratio)
+        return SCHEDULES["exponential"](
+            lr0=cfg.lr, epochs=cfg.epochs, final_ratio=cfg.final_lr_ratio
+        )
     if cfg.schedule == "newbob":
-        return SCHEDULES["newbob"](lr=cfg.lr, epochs=cfg.epochs, start_halving=cfg.newbob_start,
-                                   end_halving=cfg.newbob_end, halving_factor=cfg.halving_factor)
+        return SCHEDULES["newbob"](
+            lr=cfg.lr,
+            epochs=cfg.epochs,
+            start_halving=cfg.newbob_start,
+            end_halving=cfg.newbob_end,
+            halving_factor=cfg.halving_factor,
+        )
     return SCHEDULES["constant"](lr=cfg.lr, epochs=cfg.epochs)
 
 
@@ -194,11 +231,22 @@ def save_checkpoint(cfg, comm, replicas, averager: Averager, schedule, log, epoc
     name = ckpt.checkpoint_name(epoch, round_)
     shared = None
     if comm.is_main:
-        shared = {"epoch": epoch, "round": round_, "model": replicas[0].model.state_dict(),
-                  "schedule": {"type": cfg.schedule, **asdict(schedule)},
-                  "averager": averager.state_dict(), "metrics_bytes": log.size()}
-    workers = {r.worker: {"optimizer": r.optimizer.state_dict(), "stats": r.stats,
-                          "rng": torch.get_rng_state()} for r in replicas}
+        shared = {
+            "epoch": epoch,
+            "round": round_,
+            "model": replicas[0].model.state_dict(),
+            "schedule": {"type": cfg.schedule, **asdict(schedule)},
+            "averager": averager.state_dict(),
+            "metrics_bytes": log.size(),
+        }
+    workers = {
+        r.worker: {
+            "optimizer": r.optimizer.state_dict(),
+            "stats": r.stats,
+            "rng": torch.get_rng_state(),
+        }
+        for r in replicas
+    }
     ckpt.save_files(root, name, shared, workers)
     comm.barrier()
     if comm.is_main:
@@ -253,8 +301,11 @@ class Timer:
 
     def totals(self) -> dict:
         total = sum(self.seconds.values())
-        return {"compute_s": self.seconds["compute"], "averaging_s": self.seconds["averaging"],
-                "averaging_share": self.seconds["averaging"] / total if total else 0.0}
+        return {
+            "compute_s": self.seconds["compute"],
+            "averaging_s": self.seconds["averaging"],
+            "averaging_share": self.seconds["averaging"] / total if total else 0.0,
+        }
 
 
 class MetricsLog:
@@ -288,36 +339,70 @@ def log_round(log, comm, replicas, timer, epoch, round_, lr, bar) -> None:
     for r in replicas:
         r.stats.zero_()
     totals = timer.totals()
-    log.write({"kind": "round", "epoch": epoch, "round": round_, "lr": lr,
-               **prefixed("train", train), **totals})
-    bar.set_postfix(loss=f"{train['cross_entropy']:.3f}", acc=f"{train['frame_accuracy']:.3f}",
-                    avg=f"{100 * totals['averaging_share']:.1f}%")
+    log.write(
+        {
+            "kind": "round",
+            "epoch": epoch,
+            "round": round_,
+            "lr": lr,
+            **prefixed("train", train),
+            **totals,
+        }
+    )
+    bar.set_postfix(
+        loss=f"{train['cross_entropy']:.3f}",
+        acc=f"{train['frame_accuracy']:.3f}",
+        avg=f"{100 * totals['averaging_share']:.1f}%",
+    )
 
 
 def progress_bar(cfg, comm, epoch, rounds, start_round) -> tqdm:
     frames_per_round = cfg.avg_every * cfg.minibatch * comm.num_workers
-    return tqdm(total=rounds, initial=start_round, desc=f"epoch {epoch}/{cfg.epochs}",
-                unit="fr", disable=not (cfg.progress and comm.is_main), leave=False,
-                unit_scale=frames_per_round, dynamic_ncols=True)
+    return tqdm(
+        total=rounds,
+        initial=start_round,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        unit="fr",
+        disable=not (cfg.progress and comm.is_main),
+        leave=False,
+        unit_scale=frames_per_round,
+        dynamic_ncols=True,
+    )
 
 
 def report_epoch(comm, epoch, cv, accepted, timer) -> None:
     if comm.is_main:
         t = timer.totals()
-        print(f"epoch {epoch}: cv loss {cv['cross_entropy']:.4f} acc {100 * cv['frame_accuracy']:.2f}%"
-              f" | {t['compute_s'] + t['averaging_s']:.1f} s, averaging "
-              f"{100 * t['averaging_share']:.1f}%" + ("" if accepted else " | rejected"), flush=True)
+        print(
+            f"epoch {epoch}: cv loss {cv['cross_entropy']:.4f} "
+            f"acc {100 * cv['frame_accuracy']:.2f}%"
+            f" | {t['compute_s'] + t['averaging_s']:.1f} s, averaging "
+            f"{100 * t['averaging_share']:.1f}%" + ("" if accepted else " | rejected"),
+            flush=True,
+        )
 
 
 def write_run_header(cfg, comm, data, rounds, log) -> None:
     if comm.is_main:
         out = Path(cfg.out)
-        ckpt.atomic_write_bytes(yaml.safe_dump(cfg.resolved(), sort_keys=False).encode(),
-                                out / "config.yaml")
-        log.write({"kind": "start", "workers": comm.num_workers, "processes": comm.num_processes,
-                   "rounds_per_epoch": rounds, "shard_frames": data.shard_frames,
-                   "cv_frames": data.cv_frames, "num_classes": data.num_classes,
-                   "parameters": sum(p.numel() for p in data.initial_model.parameters())})
-        print(f"{comm.num_workers} workers, {rounds} averaging rounds of {cfg.avg_every} x "
-              f"{cfg.minibatch} frames per epoch; shards {min(data.shard_frames)}-"
-              f"{max(data.shard_frames)} frames; {data.num_classes} classes", flush=True)
+        ckpt.atomic_write_bytes(
+            yaml.safe_dump(cfg.resolved(), sort_keys=False).encode(), out / "config.yaml"
+        )
+        log.write(
+            {
+                "kind": "start",
+                "workers": comm.num_workers,
+                "processes": comm.num_processes,
+                "rounds_per_epoch": rounds,
+                "shard_frames": data.shard_frames,
+                "cv_frames": data.cv_frames,
+                "num_classes": data.num_classes,
+                "parameters": sum(p.numel() for p in data.initial_model.parameters()),
+            }
+        )
+        print(
+            f"{comm.num_workers} workers, {rounds} averaging rounds of {cfg.avg_every} x "
+            f"{cfg.minibatch} frames per epoch; shards {min(data.shard_frames)}-"
+            f"{max(data.shard_frames)} frames; {data.num_classes} classes",
+            flush=True,
+        )

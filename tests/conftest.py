@@ -11,10 +11,14 @@ from modelavg.data.kaldi import write_data_dir
 
 
 def make_data_dir(
-    path: Path, utts: int = 40, classes: int = 4, dim: int = 6, seed: int = 0,
+    path: Path,
+    utts: int = 40,
+    classes: int = 4,
+    dim: int = 6,
+    seed: int = 0,
     lengths: list[int] | None = None,
 ) -> Path:
-    """Gaussian clusters, one per class, in utterances of varying length (learnable, not trivial)."""
+    """Gaussian clusters, one per class, in utterances of varying length."""
     rng = np.random.default_rng(seed)
     centers = np.random.default_rng(123).normal(size=(classes, dim)) * 1.5
     feats, targets = {}, {}
@@ -32,5 +36,20 @@ def data_dir(tmp_path_factory) -> Path:
     return make_data_dir(tmp_path_factory.mktemp("data") / "train")
 
 
-SMALL = ["--hidden-layers", "2", "--hidden-dim", "32", "--context", "1", "--minibatch", "16",
-         "--avg-every", "2", "--epochs", "2", "--no-progress", "--threads", "1"]
+SMALL = [
+    "--hidden-layers",
+    "2",
+    "--hidden-dim",
+    "32",
+    "--context",
+    "1",
+    "--minibatch",
+    "16",
+    "--avg-every",
+    "2",
+    "--epochs",
+    "2",
+    "--no-progress",
+    "--threads",
+    "1",
+]

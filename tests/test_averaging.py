@@ -26,8 +26,16 @@ def test_model_averager_sets_every_replica_to_the_mean():
 def test_k1_averaging_equals_synchronous_sgd_on_the_mean_gradient():
     n, lr, steps = 4, 0.3, 5
     g = torch.Generator().manual_seed(1)
-    data = [[(torch.randn(8, 5, generator=g, dtype=torch.float64),
-              torch.randint(0, 3, (8,), generator=g)) for _ in range(n)] for _ in range(steps)]
+    data = [
+        [
+            (
+                torch.randn(8, 5, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (8,), generator=g),
+            )
+            for _ in range(n)
+        ]
+        for _ in range(steps)
+    ]
     replicas = [mlp() for _ in range(n)]
     opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in replicas]
     averager = ModelAverager(InProcessCommunicator(n))
@@ -77,6 +85,7 @@ def test_bmuf_momentum_accumulates_and_state_round_trips():
         for m in models:
             with torch.no_grad():
                 from modelavg.averaging.base import unflatten_
+
                 unflatten_(flatten(m) + step, m)
 
     local_move()

@@ -6,8 +6,10 @@ from modelavg.data.kaldi import Corpus
 
 
 def corpus():
-    feats = {"a": np.arange(4, dtype=np.float32)[:, None] * [1, 10],
-             "b": 100 + np.arange(3, dtype=np.float32)[:, None] * [1, 10]}
+    feats = {
+        "a": np.arange(4, dtype=np.float32)[:, None] * [1, 10],
+        "b": 100 + np.arange(3, dtype=np.float32)[:, None] * [1, 10],
+    }
     targets = {"a": np.arange(4), "b": np.arange(3)}
     return Corpus(feats, targets, "mem")
 
@@ -25,7 +27,9 @@ def test_splice_repeats_edge_frames_within_each_utterance():
 def test_moments_sum_across_tables_to_global_stats():
     c = corpus()
     whole = moment_sums(FrameTable.from_corpus(c, ["a", "b"]))
-    parts = moment_sums(FrameTable.from_corpus(c, ["a"])) + moment_sums(FrameTable.from_corpus(c, ["b"]))
+    parts = moment_sums(FrameTable.from_corpus(c, ["a"])) + moment_sums(
+        FrameTable.from_corpus(c, ["b"])
+    )
     assert torch.equal(whole, parts)
     mean, std = mean_std(whole)
     allx = np.concatenate([c.feats["a"], c.feats["b"]])

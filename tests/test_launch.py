@@ -8,26 +8,54 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SMALL
+
 from modelavg.launch import detect, first_slurm_host
 
 
 def test_detect_each_launcher():
     assert detect({}) is None
     e = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
-    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.launcher) == (3, 8, 1, 4,
-                                                                                    "torchrun")
-    e = detect({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
-                "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
-    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.launcher) == (2, 4, 0, 2,
-                                                                                    "mpirun")
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.launcher) == (
+        3,
+        8,
+        1,
+        4,
+        "torchrun",
+    )
+    e = detect(
+        {
+            "OMPI_COMM_WORLD_RANK": "2",
+            "OMPI_COMM_WORLD_SIZE": "4",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        }
+    )
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.launcher) == (
+        2,
+        4,
+        0,
+        2,
+        "mpirun",
+    )
     e = detect({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"})
     assert (e.rank, e.world_size, e.local_rank, e.launcher) == (1, 2, 1, "mpiexec")
-    e = detect({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
-                "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_NTASKS": "8"})
-    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.launcher) == (5, 8, 1, 4,
-                                                                                    "srun")
+    e = detect(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_STEP_NUM_TASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+            "SLURM_NTASKS": "8",
+        }
+    )
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.launcher) == (
+        5,
+        8,
+        1,
+        4,
+        "srun",
+    )
     # inside an sbatch script (no srun step): not a distributed worker
     assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) is None
 
@@ -39,8 +67,11 @@ def test_first_slurm_host():
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_"))
+    }
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kw)
 
@@ -57,16 +88,43 @@ def assert_same_model(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def inprocess_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "inproc"
-    r = run([sys.executable, "-m", "modelavg", "train", "--data", str(data_dir), "--out", str(out),
-             "--in-process", "--workers", "2", *SMALL])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "modelavg",
+            "train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--in-process",
+            "--workers",
+            "2",
+            *SMALL,
+        ]
+    )
     assert r.returncode == 0, r.stderr
     return out
 
 
 def test_two_gloo_processes_equal_two_inprocess_workers(data_dir, tmp_path, inprocess_run):
     out = tmp_path / "spawn"
-    r = run([sys.executable, "-m", "modelavg", "train", "--data", str(data_dir), "--out", str(out),
-             "--workers", "2", *SMALL])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "modelavg",
+            "train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            *SMALL,
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert_same_model(out, inprocess_run)
     assert "final: cv loss" in r.stdout
@@ -74,8 +132,24 @@ def test_two_gloo_processes_equal_two_inprocess_workers(data_dir, tmp_path, inpr
 
 def test_torchrun_joins_the_job(data_dir, tmp_path, inprocess_run):
     out = tmp_path / "torchrun"
-    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "-m", "modelavg", "train", "--data", str(data_dir), "--out", str(out), *SMALL])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "modelavg",
+            "train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            *SMALL,
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert_same_model(out, inprocess_run)
 
@@ -92,15 +166,49 @@ def mpirun() -> str:
 @pytest.mark.parametrize("backend", ["mpi", "gloo"])
 def test_mpirun_joins_the_job(data_dir, tmp_path, inprocess_run, backend):
     out = tmp_path / f"mpirun-{backend}"
-    r = run([mpirun(), "--oversubscribe", "-np", "2", sys.executable, "-m", "modelavg", "train",
-             "--data", str(data_dir), "--out", str(out), "--backend", backend, *SMALL])
+    r = run(
+        [
+            mpirun(),
+            "--oversubscribe",
+            "-np",
+            "2",
+            sys.executable,
+            "-m",
+            "modelavg",
+            "train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--backend",
+            backend,
+            *SMALL,
+        ]
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert_same_model(out, inprocess_run)
 
 
 def test_workers_must_match_launcher(data_dir, tmp_path):
-    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "-m", "modelavg", "train", "--data", str(data_dir), "--out", str(tmp_path / "x"),
-             "--workers", "3", *SMALL])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "modelavg",
+            "train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "x"),
+            "--workers",
+            "3",
+            *SMALL,
+        ]
+    )
     assert r.returncode != 0
     assert "--workers 3 but torchrun started 2 processes" in r.stderr

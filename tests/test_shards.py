@@ -45,7 +45,7 @@ def test_buffer_limits_how_far_frames_move():
     order = epoch_order(lengths, seed=0, epoch=1, worker=0, buffer_frames=100)
     # each window of 100 positions holds exactly the frames of one window of the input
     for lo in range(0, 1000, 100):
-        assert sorted(order[lo:lo + 100]) == list(range(lo, lo + 100))
+        assert sorted(order[lo : lo + 100]) == list(range(lo, lo + 100))
 
 
 def test_minibatches_drop_partial_and_skip():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SMALL, make_data_dir
+
 from modelavg.cli import main
 
 
@@ -25,14 +25,29 @@ def records(out: Path, kind: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def run3(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run3"
-    assert train("--data", str(data_dir), "--out", str(out), "--in-process", "--workers", "2",
-                 "--epochs", "3", "--log-every", "3", "--checkpoint-every", "4") == 0
+    assert (
+        train(
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--in-process",
+            "--workers",
+            "2",
+            "--epochs",
+            "3",
+            "--log-every",
+            "3",
+            "--checkpoint-every",
+            "4",
+        )
+        == 0
+    )
     return out
 
 
 def test_outputs_and_learning(run3, data_dir, capsys):
-    for name in ["config.yaml", "metrics.jsonl", "final.pt", "final_cv.json",
-                 "checkpoints/LATEST"]:
+    for name in ["config.yaml", "metrics.jsonl", "final.pt", "final_cv.json", "checkpoints/LATEST"]:
         assert (run3 / name).exists(), name
     epochs = records(run3, "epoch")
     assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]
@@ -75,13 +90,29 @@ def test_resume_gives_the_identical_model(run3, tmp_path, checkpoint):
     a = torch.load(run3 / "final.pt", weights_only=False)["state_dict"]
     b = torch.load(resumed / "final.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (resumed / "metrics.jsonl").read_text() .count('"kind": "epoch"') == 4
+    assert (resumed / "metrics.jsonl").read_text().count('"kind": "epoch"') == 4
 
 
 def test_newbob_rejects_an_epoch_that_hurts(data_dir, tmp_path):
     out = tmp_path / "nb"
-    assert train("--data", str(data_dir), "--out", str(out), "--in-process", "--workers", "2",
-                 "--schedule", "newbob", "--lr", "200", "--epochs", "2") == 0
+    assert (
+        train(
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--in-process",
+            "--workers",
+            "2",
+            "--schedule",
+            "newbob",
+            "--lr",
+            "200",
+            "--epochs",
+            "2",
+        )
+        == 0
+    )
     epochs = records(out, "epoch")
     assert epochs[1]["accepted"] is False
     assert epochs[1]["lr_next"] == pytest.approx(100.0)  # halving started
@@ -93,9 +124,26 @@ def test_newbob_rejects_an_epoch_that_hurts(data_dir, tmp_path):
 def test_very_uneven_shards_end_the_epoch_without_hanging(tmp_path):
     data = make_data_dir(tmp_path / "uneven", utts=5, lengths=[2000, 60, 50, 40, 30])
     out = tmp_path / "u"
-    r = subprocess.run([sys.executable, "-m", "modelavg", "train", "--data", str(data),
-                        "--cv-fraction", "0.2", "--out", str(out), "--workers", "2", *SMALL],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelavg",
+            "train",
+            "--data",
+            str(data),
+            "--cv-fraction",
+            "0.2",
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            *SMALL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     start = records(out, "start")[0]
     assert start["shard_frames"] == [2000, 150]
@@ -108,8 +156,21 @@ def test_yaml_config_with_command_line_override(data_dir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("hidden_dim: 8\nepochs: 1\nlr: 0.1\n")
     out = tmp_path / "y"
-    assert train("--config", str(cfg), "--data", str(data_dir), "--out", str(out),
-                 "--epochs", "1", "--hidden-dim", "12") == 0
+    assert (
+        train(
+            "--config",
+            str(cfg),
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--hidden-dim",
+            "12",
+        )
+        == 0
+    )
     saved = (out / "config.yaml").read_text()
     assert "hidden_dim: 12" in saved and "lr: 0.1" in saved
 

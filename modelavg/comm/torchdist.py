@@ -32,7 +32,10 @@ class TorchDistCommunicator(Communicator):
         self.device = torch.device(device)
         if not dist.is_initialized():
             dist.init_process_group(
-                backend, init_method="env://", rank=rank, world_size=world_size,
+                backend,
+                init_method="env://",
+                rank=rank,
+                world_size=world_size,
                 timeout=timedelta(seconds=timeout_s),
             )
         self.backend = dist.get_backend()

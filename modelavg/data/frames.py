@@ -62,7 +62,7 @@ class FrameTable:
         )
 
     def splice(self, idx: torch.Tensor, context: int) -> torch.Tensor:
-        """Frames ``idx`` with +-context neighbours, clamped inside their utterance: (B, (2C+1)D)."""
+        """Frames ``idx`` with +-context neighbours, kept inside their utterance: (B, (2C+1)D)"""
         offsets = torch.arange(-context, context + 1, device=idx.device)
         pos = idx[:, None] + offsets[None, :]
         pos = torch.maximum(torch.minimum(pos, self.end[idx, None] - 1), self.start[idx, None])

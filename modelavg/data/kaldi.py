@@ -50,7 +50,7 @@ class Corpus:
 
 
 def rspecifier(data_dir: str | os.PathLike, spec: str | None, default_name: str) -> str:
-    """Turn a data-dir-relative file name, a path, or a full rspecifier into a kaldiio rspecifier."""
+    """A data-dir-relative file name, a path, or a full rspecifier, as a kaldiio rspecifier."""
     if spec is None:
         spec = str(Path(data_dir) / default_name)
     if spec.startswith(("ark:", "scp:", "ark,", "scp,")):
@@ -64,7 +64,7 @@ def rspecifier(data_dir: str | os.PathLike, spec: str | None, default_name: str)
 
 
 def _read_table(spec: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (utt, array) from a kaldiio rspecifier, turning every read failure into a UsageError."""
+    """Yield (utt, array) from a kaldiio rspecifier; any read failure becomes a UsageError."""
     where = spec.split(":", 1)[1]
     try:
         with kaldiio.ReadHelper(spec) as reader:
@@ -90,7 +90,7 @@ def read_corpus(
     need_targets: bool = True,
     skip_bad_utts: bool = False,
 ) -> Corpus:
-    """Read and validate a data directory; every problem is a one-line UsageError naming the culprit.
+    """Read and validate a data directory; each problem is a one-line UsageError naming the culprit.
 
     With ``skip_bad_utts`` utterances lacking a partner or with NaN/Inf are dropped (and counted in
     ``Corpus.source``) instead of refused.
@@ -145,8 +145,10 @@ def read_corpus(
             tdict[utt] = vec.astype(np.int64)
         missing = [u for u in fdict if u not in tdict]
         if missing and not skip_bad_utts:
-            raise UsageError(f"{feat_spec.split(':', 1)[1]}: utterance {missing[0]} has features "
-                             f"but no targets ({len(missing)} such)")
+            raise UsageError(
+                f"{feat_spec.split(':', 1)[1]}: utterance {missing[0]} has features "
+                f"but no targets ({len(missing)} such)"
+            )
         for utt in missing:
             del fdict[utt]
             skipped += 1
@@ -179,5 +181,5 @@ def write_data_dir(
         with kaldiio.WriteHelper(f"ark,scp:{out / name}.ark,{out / name}.scp") as writer:
             for utt in sorted(table):
                 value = table[utt]
-                value = (value.astype(np.float32) if name == "feats" else value.astype(np.int32))
+                value = value.astype(np.float32) if name == "feats" else value.astype(np.int32)
                 writer(utt, value)

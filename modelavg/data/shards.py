@@ -46,7 +46,9 @@ def rounds_per_epoch(shard_frames: list[int], avg_every: int, minibatch: int) ->
     return min(shard_frames) // (avg_every * minibatch)
 
 
-def epoch_order(utt_lengths: np.ndarray, seed: int, epoch: int, worker: int, buffer_frames: int) -> np.ndarray:
+def epoch_order(
+    utt_lengths: np.ndarray, seed: int, epoch: int, worker: int, buffer_frames: int
+) -> np.ndarray:
     """The frame visiting order of one worker's shard in one epoch.
 
     Utterances (stored consecutively, with ``utt_lengths`` frames each) are visited in a random
