@@ -110,11 +110,12 @@ EXTRA_PRONUNCIATIONS = {
     "waldo's": "W AO L D OW Z",
 }
 
-_ONES = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen"
-).split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_ONES = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+    "nineteen",
+]  # fmt: skip
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 
 @dataclass
@@ -213,7 +214,8 @@ def read_librivox_transcripts(path: Path) -> dict[str, str]:
 def _check_dependencies() -> None:
     """Fail early, naming the install command, when a speech package is missing."""
     missing = []
-    for module in ("pocketsphinx", "kaldi_native_fbank", "soundfile", "scipy"):
+    # scipy.signal is slow to import: importing it here also spares each forked worker the cost
+    for module in ("pocketsphinx", "kaldi_native_fbank", "soundfile", "scipy.signal", "tqdm"):
         try:
             __import__(module)
         except ImportError:
@@ -243,11 +245,12 @@ def _subset(names: list[str], max_utts: int | None) -> list[str]:
     return [names[i] for i in idx]
 
 
-def _asterisk_jobs(max_utts: int | None) -> tuple[list[_Job], dict[str, str]]:
-    """Jobs for prompts with audio and speech; failures (utt -> reason) for the others."""
+def _asterisk_jobs(max_utts: int | None) -> tuple[list[_Job], dict[str, str], int]:
+    """Jobs for prompts with audio and speech, failures (utt -> reason) and the prompt count."""
     prompts = read_asterisk_transcripts(Path(ASTERISK_TRANSCRIPT))
+    names = _subset(sorted(prompts), max_utts)
     jobs, failed = [], {}
-    for name in _subset(sorted(prompts), max_utts):
+    for name in names:
         utt = utt_id(ASTERISK_SPEAKER, name)
         wav = Path(ASTERISK_WAV_DIR) / f"{name}.wav"
         text = normalize_text(prompts[name])
@@ -257,7 +260,7 @@ def _asterisk_jobs(max_utts: int | None) -> tuple[list[_Job], dict[str, str]]:
             failed[utt] = "no speech (tone or silence prompt)"
         else:
             jobs.append(_Job(utt, str(wav), text))
-    return jobs, failed
+    return jobs, failed, len(names)
 
 
 def _librivox_jobs() -> list[_Job]:
@@ -415,7 +418,7 @@ def build_class_map(results: Iterable[_Result]) -> tuple[list[int], dict[int, st
     """Sorted senone ids, senone -> phone, sorted phone names, over every aligned utterance."""
     senone_phone: dict[int, str] = {}
     for r in results:
-        for s, p in zip(r.senones.tolist(), r.phones):
+        for s, p in zip(r.senones.tolist(), r.phones, strict=True):
             if senone_phone.setdefault(s, p) != p:
                 raise RuntimeError(f"senone {s} aligned to phones {senone_phone[s]} and {p}")
     return sorted(senone_phone), senone_phone, sorted(set(senone_phone.values()))
@@ -428,7 +431,10 @@ def split_utts(utts: list[str], seed: int) -> dict[str, list[str]]:
     n_held = max(1, round(HELD_OUT_FRACTION * n)) if n >= 3 else 0
     perm = np.random.default_rng(seed).permutation(n)
     test, cv, train = perm[:n_held], perm[n_held : 2 * n_held], perm[2 * n_held :]
-    return {name: sorted(utts[i] for i in idx) for name, idx in zip(SPLITS, (train, cv, test))}
+    return {
+        name: sorted(utts[i] for i in idx)
+        for name, idx in zip(SPLITS, (train, cv, test), strict=True)
+    }
 
 
 def _write_lines(path: Path, lines: Iterable[str]) -> None:
@@ -469,12 +475,16 @@ def _failure_kind(reason: str) -> str:
 
 
 def _print_counts(counts: dict) -> None:
-    print(f"demo corpus in {counts['out_dir']}: {counts['classes']} senone classes, "
-          f"{counts['phones']} phones, {counts['aligned']} of {counts['prompts']} prompts aligned")
+    print(
+        f"demo corpus in {counts['out_dir']}: {counts['classes']} senone classes, "
+        f"{counts['phones']} phones, {counts['aligned']} of {counts['prompts']} prompts aligned"
+    )
     for name, c in counts["splits"].items():
-        print(f"  {name:10s} {c['utterances']:4d} utts {c['frames']:7d} frames "
-              f"{c['senones']:5d} senones {c['phones']:3d} phones "
-              f"({c['frames_unseen_in_train']} frames of senones unseen in train)")
+        print(
+            f"  {name:10s} {c['utterances']:4d} utts {c['frames']:7d} frames "
+            f"{c['senones']:5d} senones {c['phones']:3d} phones "
+            f"({c['frames_unseen_in_train']} frames of senones unseen in train)"
+        )
     for reason, n in counts["failed"].items():
         print(f"  failed: {n:4d} {reason}")
 
@@ -488,9 +498,10 @@ def _readme(counts: dict, seed: int) -> str:
     failures = "\n".join(f"- {n} {reason}" for reason, n in counts["failed"].items()) or "- none"
     return f"""# Demo speech corpus (frame-level senone targets)
 
-Generated by `modelavg.data.demo.prepare_demo` (seed {seed}). {counts['aligned']} of
-{counts['prompts']} Asterisk prompts aligned; {counts['classes']} senone classes, {counts['phones']}
-phones.
+Generated by `modelavg.data.demo.prepare_demo` (seed {seed}).
+{counts["aligned"]} of {counts["prompts"]} Asterisk prompts aligned.
+{counts["classes"]} senone classes ({counts["classes_unseen_in_train"]} unseen in train), \
+{counts["phones"]} phones.
 
 | split | utterances | frames | senones | phones | frames of senones unseen in train |
 |---|---|---|---|---|---|
@@ -556,7 +567,7 @@ def prepare_demo(
     _check_dependencies()
     _check_inputs()
     out = Path(out_dir)
-    jobs, failed = _asterisk_jobs(max_utts)
+    jobs, failed, num_prompts = _asterisk_jobs(max_utts)
     other_jobs = _librivox_jobs()
     texts = {j.utt: j.text for j in jobs + other_jobs}
     results = {r.utt: r for r in _run_jobs(jobs + other_jobs, num_workers, progress)}
@@ -587,7 +598,7 @@ def prepare_demo(
     _write_lines(out / "failed.txt", (f"{u} {failed[u]}" for u in sorted(failed)))
     counts = {
         "out_dir": str(out),
-        "prompts": len(jobs) + sum(u.startswith(ASTERISK_SPEAKER + "-") for u in failed),
+        "prompts": num_prompts,
         "aligned": len(mine),
         "classes": len(senones),
         "phones": len(phone_names),
