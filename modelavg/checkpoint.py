@@ -28,6 +28,8 @@ import torch
 from modelavg.errors import UsageError
 
 LATEST = "LATEST"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -43,6 +45,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should be as readable as usual
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)

@@ -30,11 +30,11 @@ def _type(annotation: str) -> type:
     return str
 
 
-def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One option per TrainConfig field; defaults stay in the dataclass (SUPPRESS here)."""
+def add_config_options(parser: argparse.ArgumentParser, fields_: list) -> None:
+    """One option per config dataclass field; defaults stay in the dataclass (SUPPRESS here)."""
     parser.add_argument("--config", help="YAML file of options (the command line overrides it)")
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in config_fields():
+    for f in fields_:
         group = groups.setdefault(
             f.metadata["group"], parser.add_argument_group(f.metadata["group"])
         )
@@ -56,9 +56,14 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def given(args: argparse.Namespace, fields_: list) -> dict:
+    """The options given on the command line (the rest keep their config/default values)."""
+    names = {f.name for f in fields_}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in config_fields()}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
+    overrides = given(args, config_fields())
     config = args.config
     if overrides.get("resume") and config is None and "out" in overrides:
         saved = Path(overrides["out"]) / "config.yaml"  # resume with the run's own options
@@ -118,6 +123,24 @@ def run_training(cfg: TrainConfig, penv) -> dict:
     return result
 
 
+def cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
+    from modelavg import launch
+    from modelavg.pretrain import (
+        check_out_dir,
+        load_pretrain_config,
+        pretrain_config_fields,
+        run_pretraining,
+    )
+
+    cfg = load_pretrain_config(args.config, given(args, pretrain_config_fields()))
+    check_out_dir(cfg)
+    penv = launch.detect()
+    if penv is None and not cfg.in_process and (cfg.workers or 1) > 1:
+        return launch.spawn_local(argv, cfg.workers)
+    run_pretraining(cfg, penv)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from modelavg.evaluate import evaluate_data_dir, format_result
     from modelavg.model import load_model
@@ -156,8 +179,14 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
     handlers: dict[str, Callable] = {}
 
     p = sub.add_parser("train", help="train a DNN with periodic model averaging")
-    add_train_options(p)
+    add_config_options(p, config_fields())
     handlers["train"] = cmd_train
+
+    from modelavg.pretrain import pretrain_config_fields
+
+    p = sub.add_parser("pretrain", help="RBM (DBN) pretraining with periodic model averaging")
+    add_config_options(p, pretrain_config_fields())
+    handlers["pretrain"] = cmd_pretrain
 
     p = sub.add_parser("eval", help="frame accuracy and cross-entropy of a model on a data dir")
     p.add_argument("--model", required=True, help="model file (final.pt)")

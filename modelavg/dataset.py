@@ -93,10 +93,8 @@ def load_training_data(cfg: TrainConfig, comm: Communicator) -> TrainingData:
     train = [FrameTable.from_corpus(corpus, shards[w]) for w in comm.worker_ids]
     cv_tables = [FrameTable.from_corpus(cv, cv_shards[w]) for w in comm.worker_ids]
 
-    sums = comm.sum_stats([moment_sums(t).to(comm.device) for t in train]).cpu()
-    mean, std = mean_std(sums)
     model = initial_model(cfg, corpus.dim, num_classes)
-    model.normalize.set_stats(mean.repeat(2 * cfg.context + 1), std.repeat(2 * cfg.context + 1))
+    model.normalize.set_stats(*normalisation(cfg, comm, train))
     return TrainingData(
         train=[t.to(comm.device) for t in train],
         cv=[t.to(comm.device) for t in cv_tables],
@@ -123,3 +121,18 @@ def initial_model(cfg: TrainConfig, input_dim: int, num_classes: int) -> DNN:
     from modelavg.pretrained import hidden_layers_from
 
     return hidden_layers_from(cfg.init, spec)
+
+
+def normalisation(
+    cfg: TrainConfig, comm: Communicator, train: list[FrameTable]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std of the spliced input: a DBN's own (``--init dbn.pt``), else the training data's."""
+    if cfg.init is not None:
+        from modelavg.pretrained import dbn_feature_stats
+
+        stats = dbn_feature_stats(cfg.init)
+        if stats is not None:
+            return stats
+    sums = comm.sum_stats([moment_sums(t).to(comm.device) for t in train]).cpu()
+    mean, std = mean_std(sums)
+    return mean.repeat(2 * cfg.context + 1), std.repeat(2 * cfg.context + 1)

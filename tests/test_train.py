@@ -202,3 +202,32 @@ def test_bad_input_is_one_line_and_exit_2(data_dir, tmp_path, capsys, args, mess
 def test_refuses_to_overwrite_a_run(run3, data_dir, capsys):
     assert main(["train", "--data", str(data_dir), "--out", str(run3), *SMALL]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_init_from_a_model_file_and_a_misfit(run3, data_dir, tmp_path, capsys):
+    out = tmp_path / "init"
+    assert (
+        train(
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--init",
+            str(run3 / "final.pt"),
+            "--epochs",
+            "1",
+        )
+        == 0
+    )
+    code = train(
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "bad"),
+        "--init",
+        str(run3 / "final.pt"),
+        "--hidden-dim",
+        "12",
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "do not fit this data and model" in err

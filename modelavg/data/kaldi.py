@@ -122,7 +122,7 @@ def read_corpus(
         raise UsageError(f"{feat_spec.split(':', 1)[1]}: no utterances")
 
     tdict: dict[str, np.ndarray] | None = None
-    has_targets = targets is not None or (data_dir / TARGETS).exists()
+    has_targets = need_targets and (targets is not None or (data_dir / TARGETS).exists())
     if need_targets and not has_targets:
         raise UsageError(f"{data_dir / TARGETS}: no such file (per-frame class ids are needed)")
     if has_targets:
