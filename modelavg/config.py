@@ -123,6 +123,8 @@ class TrainConfig:
         0, "also checkpoint every M averaging rounds (0 = epochs only)", group="run"
     )
     progress: bool = opt(True, "show a progress bar", group="run")
+    max_rollbacks: int = opt(3, "NaN/Inf rollbacks allowed before giving up", group="run")
+    rollback_lr_factor: float = opt(0.5, "lr multiplier applied at each rollback", group="run")
 
     def resolved(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +170,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.log_every >= 1, "--log-every must be >= 1"),
         (cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
         (cfg.timeout > 0, "--timeout must be > 0"),
+        (cfg.max_rollbacks >= 0, "--max-rollbacks must be >= 0"),
+        (0 < cfg.rollback_lr_factor <= 1, "--rollback-lr-factor must be in (0, 1]"),
     ]
     for ok, message in checks:
         if not ok:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +29,9 @@ from modelavg.config import TrainConfig
 from modelavg.data.frames import FrameTable
 from modelavg.data.shards import epoch_order, minibatches, rounds_per_epoch
 from modelavg.dataset import TrainingData, load_training_data
+from modelavg.errors import UsageError
 from modelavg.evaluate import frame_stats, summary
+from modelavg.guard import DivergenceGuard
 from modelavg.model import DNN, save_model
 from modelavg.optim import build_optimizer, set_lr
 from modelavg.optim.schedules import SCHEDULES, Schedule
@@ -47,97 +49,165 @@ class Replica:
     stats: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
 
 
+@dataclass
+class Run:
+    """Everything the loop carries: the workers, the algorithms and the position in training."""
+
+    cfg: TrainConfig
+    comm: Communicator
+    replicas: list[Replica]
+    averager: Averager
+    guard: DivergenceGuard
+    schedule: Schedule
+    log: MetricsLog
+    rounds: int  # averaging rounds per epoch, the same on every worker
+    accepted_model: dict  # the last model the schedule accepted (Newbob may reject epochs)
+    epoch: int = 1
+    round: int = 0  # first round to run in this epoch (non-zero after a mid-epoch resume)
+    timer: Timer | None = None
+
+    @property
+    def models(self) -> list[DNN]:
+        return [r.model for r in self.replicas]
+
+    @property
+    def lr(self) -> float:
+        """The lr every worker uses: schedule x linear scaling x divergence backoff."""
+        scale = self.comm.num_workers if self.cfg.lr_scaling == "linear" else 1
+        return self.schedule.lr * scale * self.guard.lr_scale
+
+
 def train(cfg: TrainConfig, comm: Communicator) -> dict:
     """Run training; returns the final CV summary. The main process writes everything in --out."""
-    out = Path(cfg.out)
-    data = load_training_data(cfg, comm)
-    replicas = make_replicas(cfg, comm, data)
-    models = [r.model for r in replicas]
-    averager = make_averager(cfg.averaging, comm, **averaging_options(cfg))
-    schedule = make_schedule(cfg)
-    log = MetricsLog(out / "metrics.jsonl", comm.is_main)
-    rounds = rounds_per_epoch(data.shard_frames, cfg.avg_every, cfg.minibatch)
-    epoch, start_round = 1, 0
-    if cfg.resume:
-        epoch, start_round, schedule = restore(cfg, comm, replicas, averager, log)
-    else:
-        write_run_header(cfg, comm, data, rounds, log)
-        cv0 = validate(replicas, cfg, comm)
-        log.write({"kind": "epoch", "epoch": 0, **prefixed("cv", cv0)})
-        if cfg.schedule == "newbob":
-            schedule = schedule.__class__(**{**asdict(schedule), "best_loss": cv0["cross_entropy"]})
-    averager.start(models)
-    accepted_model = copy.deepcopy(models[0].state_dict())
-    lr_scale = comm.num_workers if cfg.lr_scaling == "linear" else 1
-    timer = Timer(comm.device)
-
-    while epoch <= cfg.epochs:
-        for r in replicas:
-            set_lr(r.optimizer, schedule.lr * lr_scale)
-            if (
-                start_round == 0
-                and cfg.ng_reset == "epoch"
-                and hasattr(r.optimizer, "reset_preconditioners")
-            ):
-                r.optimizer.reset_preconditioners()
-        timer.reset()
-        batches = [epoch_batches(cfg, r, epoch, start_round) for r in replicas]
-        bar = progress_bar(cfg, comm, epoch, rounds, start_round)
-        for round_ in range(start_round, rounds):
-            with timer("compute"):
-                for replica, stream in zip(replicas, batches, strict=True):
+    run = start(cfg, comm)
+    while run.epoch <= cfg.epochs:
+        start_epoch(run)
+        batches = [epoch_batches(cfg, r, run.epoch, run.round) for r in run.replicas]
+        bar = progress_bar(cfg, comm, run.epoch, run.rounds, run.round)
+        for round_ in range(run.round + 1, run.rounds + 1):
+            with run.timer("compute"):
+                for replica, stream in zip(run.replicas, batches, strict=True):
                     for _ in range(cfg.avg_every):
                         local_step(replica, next(stream), cfg.context)
-            with timer("averaging"):
-                averager.sync(models)
-            if (round_ + 1) % cfg.log_every == 0 or round_ + 1 == rounds:
-                log_round(
-                    log, comm, replicas, timer, epoch, round_ + 1, schedule.lr * lr_scale, bar
-                )
-            mid_epoch = round_ + 1 < rounds
-            if cfg.checkpoint_every and (round_ + 1) % cfg.checkpoint_every == 0 and mid_epoch:
-                save_checkpoint(cfg, comm, replicas, averager, schedule, log, epoch, round_ + 1)
+            with run.timer("averaging"):
+                run.averager.sync(run.models)
+            check_divergence(run, round_)
+            if round_ % cfg.log_every == 0 or round_ == run.rounds:
+                log_round(run, round_, bar)
+            if cfg.checkpoint_every and round_ % cfg.checkpoint_every == 0 and round_ < run.rounds:
+                save_checkpoint(run, round_)
             bar.update(1)
         bar.close()
-
-        cv = validate(replicas, cfg, comm)
-        schedule, accepted, stop = schedule.after_epoch(cv["cross_entropy"])
-        if accepted:
-            accepted_model = copy.deepcopy(models[0].state_dict())
-        else:  # Newbob rejection: every replica continues from the last accepted model
-            for m in models:
-                m.load_state_dict(accepted_model)
-            averager.start(models)
-        leftover = comm.sum_stats(
-            [
-                torch.tensor(float(len(r.train) - rounds * cfg.avg_every * cfg.minibatch))
-                for r in replicas
-            ]
-        )
-        log.write(
-            {
-                "kind": "epoch",
-                "epoch": epoch,
-                "accepted": accepted,
-                "lr_next": schedule.lr,
-                "leftover_frames": int(leftover),
-                **prefixed("cv", cv),
-                **timer.totals(),
-            }
-        )
-        report_epoch(comm, epoch, cv, accepted, timer)
-        epoch, start_round = epoch + 1, 0
-        save_checkpoint(cfg, comm, replicas, averager, schedule, log, epoch, 0)
-        if stop:
+        if end_epoch(run):
             break
+    return finish(run)
 
-    for m in models:
-        m.load_state_dict(accepted_model)
-    final = validate(replicas, cfg, comm)
-    if comm.is_main:
-        save_model(out / "final.pt", models[0], extra={"cv": final})
+
+def start(cfg: TrainConfig, comm: Communicator) -> Run:
+    """Data, replicas, algorithms; then either the initial validation or a resume."""
+    data = load_training_data(cfg, comm)
+    replicas = make_replicas(cfg, comm, data)
+    run = Run(
+        cfg=cfg,
+        comm=comm,
+        replicas=replicas,
+        averager=make_averager(cfg.averaging, comm, **averaging_options(cfg)),
+        guard=DivergenceGuard(cfg.max_rollbacks, cfg.rollback_lr_factor),
+        schedule=make_schedule(cfg),
+        log=MetricsLog(Path(cfg.out) / "metrics.jsonl", comm.is_main),
+        rounds=rounds_per_epoch(data.shard_frames, cfg.avg_every, cfg.minibatch),
+        accepted_model=copy.deepcopy(replicas[0].model.state_dict()),
+        timer=Timer(comm.device),
+    )
+    if cfg.resume:
+        restore(run)
+    else:
+        write_run_header(run, data)
+        cv0 = validate(run)
+        run.log.write({"kind": "epoch", "epoch": 0, **prefixed("cv", cv0)})
+        if cfg.schedule == "newbob":
+            run.schedule = replace(run.schedule, best_loss=cv0["cross_entropy"])
+    run.averager.start(run.models)
+    run.guard.remember(run.models)
+    return run
+
+
+def start_epoch(run: Run) -> None:
+    run.timer.reset()
+    for r in run.replicas:
+        set_lr(r.optimizer, run.lr)
+        fresh = run.round == 0 and run.cfg.ng_reset == "epoch"
+        if fresh and hasattr(r.optimizer, "reset_preconditioners"):
+            r.optimizer.reset_preconditioners()  # the paper: a new process, new NG state, per epoch
+
+
+def check_divergence(run: Run, round_: int) -> None:
+    """NaN/Inf after averaging: back to the last good model with a lower lr (all workers agree)."""
+    if run.guard.healthy(run.models):
+        run.guard.remember(run.models)
+        return
+    run.guard.roll_back(run.models, [r.optimizer for r in run.replicas])
+    run.averager.start(run.models)
+    for r in run.replicas:
+        set_lr(r.optimizer, run.lr)
+    run.log.write(
+        {
+            "kind": "rollback",
+            "epoch": run.epoch,
+            "round": round_,
+            "lr": run.lr,
+            "rollbacks": run.guard.rollbacks,
+        }
+    )
+    if run.comm.is_main:
+        print(
+            f"epoch {run.epoch} round {round_}: NaN/Inf after averaging; rolled back to the last "
+            f"good model, lr now {run.lr:.4g}",
+            flush=True,
+        )
+
+
+def end_epoch(run: Run) -> bool:
+    """Validate, let the schedule accept or reject the epoch, log, checkpoint. True: stop."""
+    cfg, comm = run.cfg, run.comm
+    cv = validate(run)
+    run.schedule, accepted, stop = run.schedule.after_epoch(cv["cross_entropy"])
+    if accepted:
+        run.accepted_model = copy.deepcopy(run.models[0].state_dict())
+    else:  # Newbob rejection: every replica continues from the last accepted model
+        for m in run.models:
+            m.load_state_dict(run.accepted_model)
+        run.averager.start(run.models)
+        run.guard.remember(run.models)
+    used = run.rounds * cfg.avg_every * cfg.minibatch
+    leftover = comm.sum_stats([torch.tensor(float(len(r.train) - used)) for r in run.replicas])
+    run.log.write(
+        {
+            "kind": "epoch",
+            "epoch": run.epoch,
+            "accepted": accepted,
+            "lr_next": run.schedule.lr,
+            "leftover_frames": int(leftover),
+            **prefixed("cv", cv),
+            **run.timer.totals(),
+        }
+    )
+    report_epoch(comm, run.epoch, cv, accepted, run.timer)
+    run.epoch, run.round = run.epoch + 1, 0
+    save_checkpoint(run, 0)
+    return stop
+
+
+def finish(run: Run) -> dict:
+    """The last accepted model is the result: validate it and write final.pt."""
+    for m in run.models:
+        m.load_state_dict(run.accepted_model)
+    final = validate(run)
+    if run.comm.is_main:
+        out = Path(run.cfg.out)
+        save_model(out / "final.pt", run.models[0], extra={"cv": final})
         ckpt.atomic_write_bytes(json.dumps(final, indent=2).encode(), out / "final_cv.json")
-    comm.barrier()
+    run.comm.barrier()
     return final
 
 
@@ -166,9 +236,10 @@ def epoch_batches(cfg: TrainConfig, replica: Replica, epoch: int, start_round: i
         yield idx.to(device)
 
 
-def validate(replicas: list[Replica], cfg: TrainConfig, comm: Communicator) -> dict:
+def validate(run: Run) -> dict:
     """CV cross-entropy and frame accuracy over every worker's CV shard, summed across workers."""
-    return summary(comm.sum_stats([frame_stats(r.model, r.cv, cfg.context) for r in replicas]))
+    stats = [frame_stats(r.model, r.cv, run.cfg.context) for r in run.replicas]
+    return summary(run.comm.sum_stats(stats))
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -225,19 +296,21 @@ def make_schedule(cfg: TrainConfig) -> Schedule:
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def save_checkpoint(cfg, comm, replicas, averager: Averager, schedule, log, epoch, round_) -> None:
+def save_checkpoint(run: Run, round_: int) -> None:
     """Everything a bitwise-identical resume needs, written atomically; LATEST moves last."""
-    root = Path(cfg.out) / "checkpoints"
-    name = ckpt.checkpoint_name(epoch, round_)
+    root = Path(run.cfg.out) / "checkpoints"
+    name = ckpt.checkpoint_name(run.epoch, round_)
     shared = None
-    if comm.is_main:
+    if run.comm.is_main:
         shared = {
-            "epoch": epoch,
+            "epoch": run.epoch,
             "round": round_,
-            "model": replicas[0].model.state_dict(),
-            "schedule": {"type": cfg.schedule, **asdict(schedule)},
-            "averager": averager.state_dict(),
-            "metrics_bytes": log.size(),
+            "model": run.models[0].state_dict(),
+            "accepted_model": run.accepted_model,
+            "schedule": {"type": run.cfg.schedule, **asdict(run.schedule)},
+            "averager": run.averager.state_dict(),
+            "guard": run.guard.state_dict(),
+            "metrics_bytes": run.log.size(),
         }
     workers = {
         r.worker: {
@@ -245,32 +318,33 @@ def save_checkpoint(cfg, comm, replicas, averager: Averager, schedule, log, epoc
             "stats": r.stats,
             "rng": torch.get_rng_state(),
         }
-        for r in replicas
+        for r in run.replicas
     }
     ckpt.save_files(root, name, shared, workers)
-    comm.barrier()
-    if comm.is_main:
+    run.comm.barrier()
+    if run.comm.is_main:
         ckpt.commit(root, name)
-    comm.barrier()
+    run.comm.barrier()
 
 
-def restore(cfg, comm, replicas, averager, log) -> tuple[int, int, Schedule]:
-    from modelavg.errors import UsageError
-
-    ckpt_dir = ckpt.latest(Path(cfg.out) / "checkpoints")
+def restore(run: Run) -> None:
+    """Load the newest complete checkpoint into ``run`` (models, optimisers, schedule, position)."""
+    ckpt_dir = ckpt.latest(Path(run.cfg.out) / "checkpoints")
     if ckpt_dir is None:
-        raise UsageError(f"--resume: no checkpoint in {Path(cfg.out) / 'checkpoints'}")
-    shared, workers = ckpt.load_files(ckpt_dir, [r.worker for r in replicas], comm.device)
-    for r in replicas:
+        raise UsageError(f"--resume: no checkpoint in {Path(run.cfg.out) / 'checkpoints'}")
+    shared, workers = ckpt.load_files(ckpt_dir, [r.worker for r in run.replicas], run.comm.device)
+    for r in run.replicas:
         r.model.load_state_dict(shared["model"])
         r.optimizer.load_state_dict(workers[r.worker]["optimizer"])
         r.stats = workers[r.worker]["stats"]
         torch.set_rng_state(workers[r.worker]["rng"])
-    averager.load_state_dict(shared["averager"])
+    run.averager.load_state_dict(shared["averager"])
+    run.guard.load_state_dict(shared["guard"])
     state = dict(shared["schedule"])
-    schedule = SCHEDULES[state.pop("type")](**state)
-    log.truncate(shared["metrics_bytes"])
-    return shared["epoch"], shared["round"], schedule
+    run.schedule = SCHEDULES[state.pop("type")](**state)
+    run.accepted_model = shared["accepted_model"]
+    run.epoch, run.round = shared["epoch"], shared["round"]
+    run.log.truncate(shared["metrics_bytes"])
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -333,18 +407,18 @@ def prefixed(prefix: str, stats: dict) -> dict:
     return {f"{prefix}_{k}": v for k, v in stats.items()}
 
 
-def log_round(log, comm, replicas, timer, epoch, round_, lr, bar) -> None:
+def log_round(run: Run, round_: int, bar: tqdm) -> None:
     """Reduce the training statistics since the last line and write them (all workers join)."""
-    train = summary(comm.sum_stats([r.stats for r in replicas]))
-    for r in replicas:
+    train = summary(run.comm.sum_stats([r.stats for r in run.replicas]))
+    for r in run.replicas:
         r.stats.zero_()
-    totals = timer.totals()
-    log.write(
+    totals = run.timer.totals()
+    run.log.write(
         {
             "kind": "round",
-            "epoch": epoch,
+            "epoch": run.epoch,
             "round": round_,
-            "lr": lr,
+            "lr": run.lr,
             **prefixed("train", train),
             **totals,
         }
@@ -382,27 +456,28 @@ def report_epoch(comm, epoch, cv, accepted, timer) -> None:
         )
 
 
-def write_run_header(cfg, comm, data, rounds, log) -> None:
-    if comm.is_main:
-        out = Path(cfg.out)
-        ckpt.atomic_write_bytes(
-            yaml.safe_dump(cfg.resolved(), sort_keys=False).encode(), out / "config.yaml"
-        )
-        log.write(
-            {
-                "kind": "start",
-                "workers": comm.num_workers,
-                "processes": comm.num_processes,
-                "rounds_per_epoch": rounds,
-                "shard_frames": data.shard_frames,
-                "cv_frames": data.cv_frames,
-                "num_classes": data.num_classes,
-                "parameters": sum(p.numel() for p in data.initial_model.parameters()),
-            }
-        )
-        print(
-            f"{comm.num_workers} workers, {rounds} averaging rounds of {cfg.avg_every} x "
-            f"{cfg.minibatch} frames per epoch; shards {min(data.shard_frames)}-"
-            f"{max(data.shard_frames)} frames; {data.num_classes} classes",
-            flush=True,
-        )
+def write_run_header(run: Run, data: TrainingData) -> None:
+    cfg, comm = run.cfg, run.comm
+    if not comm.is_main:
+        return
+    ckpt.atomic_write_bytes(
+        yaml.safe_dump(cfg.resolved(), sort_keys=False).encode(), Path(cfg.out) / "config.yaml"
+    )
+    run.log.write(
+        {
+            "kind": "start",
+            "workers": comm.num_workers,
+            "processes": comm.num_processes,
+            "rounds_per_epoch": run.rounds,
+            "shard_frames": data.shard_frames,
+            "cv_frames": data.cv_frames,
+            "num_classes": data.num_classes,
+            "parameters": sum(p.numel() for p in data.initial_model.parameters()),
+        }
+    )
+    print(
+        f"{comm.num_workers} workers, {run.rounds} averaging rounds of {cfg.avg_every} x "
+        f"{cfg.minibatch} frames per epoch; shards {min(data.shard_frames)}-"
+        f"{max(data.shard_frames)} frames; {data.num_classes} classes",
+        flush=True,
+    )

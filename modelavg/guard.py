@@ -1,0 +1,65 @@
+"""Divergence guard: a NaN or Inf after averaging rolls every worker back to the last good model.
+
+After each averaging all replicas are identical on every process, so every process reaches the
+same verdict without extra communication. A rollback restores the last good averaged model,
+clears the optimiser state (momentum or NG-SGD statistics may hold the NaN), multiplies the
+learning rate by ``lr_factor`` and is logged; after ``max_rollbacks`` it stops the run.
+
+Example::
+
+    guard = DivergenceGuard(max_rollbacks=3, lr_factor=0.5)
+    guard.remember(models)
+    ...averager.sync(models)...
+    if not guard.healthy(models):
+        guard.roll_back(models, optimizers)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modelavg.averaging.base import flatten, unflatten_
+from modelavg.errors import UsageError
+
+
+class DivergenceGuard:
+    def __init__(self, max_rollbacks: int = 3, lr_factor: float = 0.5) -> None:
+        self.max_rollbacks = max_rollbacks
+        self.lr_factor = lr_factor
+        self.rollbacks = 0
+        self.good: torch.Tensor | None = None
+
+    @property
+    def lr_scale(self) -> float:
+        """Multiplier on the scheduled learning rate after the rollbacks so far."""
+        return self.lr_factor**self.rollbacks
+
+    @torch.no_grad()
+    def remember(self, models: list[nn.Module]) -> None:
+        self.good = flatten(models[0]).clone()
+
+    @torch.no_grad()
+    def healthy(self, models: list[nn.Module]) -> bool:
+        return bool(torch.isfinite(flatten(models[0])).all())
+
+    @torch.no_grad()
+    def roll_back(self, models: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
+        self.rollbacks += 1
+        if self.rollbacks > self.max_rollbacks:
+            raise UsageError(
+                f"training diverged (NaN/Inf parameters) {self.rollbacks} times; gave up after "
+                f"--max-rollbacks {self.max_rollbacks}: lower --lr"
+            )
+        for model in models:
+            unflatten_(self.good, model)
+        for opt in optimizers:
+            opt.state.clear()
+            if hasattr(opt, "reset_preconditioners"):
+                opt.reset_preconditioners()
+
+    def state_dict(self) -> dict:
+        return {"rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollbacks = state["rollbacks"]
