@@ -16,6 +16,10 @@ from modelavg.config import TrainConfig, config_fields, load_config
 from modelavg.errors import UsageError
 
 
+class WorkerLost(Exception):
+    """Another worker vanished mid-collective: one line, exit code ``launch.PEER_LOST``."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but errors are one line and exit 2."""
 
@@ -86,10 +90,17 @@ def check_out_dir(cfg: TrainConfig) -> None:
         raise UsageError(f"--out {out}: not a writable directory")
 
 
+def restarted_with_checkpoint(cfg: TrainConfig) -> bool:
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return restarts > 0 and cfg.out is not None and (Path(cfg.out) / "checkpoints/LATEST").exists()
+
+
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from modelavg import launch
 
     cfg = train_config(args)
+    if restarted_with_checkpoint(cfg):
+        cfg.resume = True  # torchrun --max-restarts restarted us: continue from the checkpoint
     check_out_dir(cfg)
     penv = launch.detect()
     if penv is None and not cfg.in_process and (cfg.workers or 1) > 1:
@@ -111,6 +122,15 @@ def run_training(cfg: TrainConfig, penv) -> dict:
     comm = launch.connect(cfg, penv)
     try:
         result = train(cfg, comm)
+    except (torch.distributed.DistError, RuntimeError) as exc:
+        if comm.num_processes == 1:
+            raise
+        # a peer died (connection closed) or hung past --timeout: say so in one line and exit
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkerLost(
+            f"worker rank {comm.process_rank}: a collective failed, another worker "
+            f"died or hung past --timeout {cfg.timeout:g}s ({first[:200]})"
+        ) from None
     finally:
         comm.close()
     if comm.is_main:
@@ -234,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"modelavg: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerLost as exc:
+        from modelavg.launch import PEER_LOST
+
+        print(f"modelavg: error: {exc}", file=sys.stderr)
+        return PEER_LOST
     except KeyboardInterrupt:
         print("modelavg: interrupted", file=sys.stderr)
         return 130

@@ -28,6 +28,9 @@ from modelavg.comm.inprocess import InProcessCommunicator
 from modelavg.errors import UsageError
 
 
+PEER_LOST = 3  # exit code of a worker that stopped because another one died
+
+
 @dataclass(frozen=True)
 class ProcessEnv:
     rank: int
@@ -168,8 +171,8 @@ def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:
         while True:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                rank, code = failed[0]
+            if failed:  # name the culprit, not a worker that stopped because its peer died
+                rank, code = min(failed, key=lambda rc: (rc[1] == PEER_LOST, rc[0]))
                 why = f"signal {-code}" if code < 0 else f"exit code {code}"
                 print(
                     f"modelavg: error: worker rank {rank} failed ({why}); stopping the others",

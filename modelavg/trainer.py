@@ -460,6 +460,7 @@ def write_run_header(run: Run, data: TrainingData) -> None:
     cfg, comm = run.cfg, run.comm
     if not comm.is_main:
         return
+    run.log.truncate(0)  # a fresh start (e.g. restarted before its first checkpoint)
     ckpt.atomic_write_bytes(
         yaml.safe_dump(cfg.resolved(), sort_keys=False).encode(), Path(cfg.out) / "config.yaml"
     )

@@ -58,12 +58,14 @@ def _gamma(rr: Tensor, pp: Tensor) -> Tensor:
 
 @dataclass
 class PreconditionParts:
-    """Everything one call produces: P (before γ), H = R Wᵀ, γ, and the W that was used."""
+    """One call's results: P = β R G⁻¹ before γ (None unless asked for), H = R Wᵀ, γ, the W
+    that was used, and the squared row norms of P (what max-change needs)."""
 
-    p: Tensor
+    p: Tensor | None
     h: Tensor
     gamma: Tensor
     w: Tensor
+    p_row_sq: Tensor
 
 
 class OnlineNaturalGradient:
@@ -185,26 +187,39 @@ class OnlineNaturalGradient:
         parts = self.precondition_parts(x)
         return parts.p, parts.gamma
 
-    def precondition_parts(self, x: Tensor) -> PreconditionParts:
-        """The full result of one call (P, H = x Wᵀ, γ, the W used); see the class docstring."""
+    def precondition_parts(self, x: Tensor, explicit: bool = True) -> PreconditionParts:
+        """The full result of one call; see the class docstring.
+
+        With ``explicit=False`` P (N×D) is not formed: its row norms come from
+        ‖p_i‖² = ‖r_i‖² - 2‖h_i‖² + h_i (W Wᵀ) h_iᵀ, which costs N·R² instead of N·R·D.
+        """
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected an N x {self.dim} matrix, got shape {tuple(x.shape)}")
         r = x.detach().to(_work_dtype(x.dtype))
+        r_row_sq = torch.linalg.vector_norm(r, dim=1).square()
         if r.shape[0] == 0 or self.rank == 0:
             self._t += int(r.shape[0] > 0)
-            empty = r.new_zeros(self.rank, self.dim)
-            return PreconditionParts(r, r.new_zeros(r.shape[0], self.rank), r.new_ones(()), empty)
+            h, w = r.new_zeros(r.shape[0], self.rank), r.new_zeros(self.rank, self.dim)
+            return PreconditionParts(r, h, r.new_ones(()), w, r_row_sq)
         if self._w is None:
             self._initialize(r)
-        w = self._w.to(device=r.device, dtype=r.dtype)
+        if self._w.device != r.device or self._w.dtype != r.dtype:  # e.g. after load_state_dict
+            self._w = self._w.to(device=r.device, dtype=r.dtype)
+        w = self._w
         h = r @ w.T  # H = R Wᵀ  (N×R)
-        p = torch.addmm(r, h, w, alpha=-1.0)  # P = R - H W = β R G⁻¹
-        rr = r.square().sum()
-        gamma = _gamma(rr, p.square().sum())
+        if explicit:
+            p = torch.addmm(r, h, w, alpha=-1.0)  # P = R - H W = β R G⁻¹
+            p_row_sq = torch.linalg.vector_norm(p, dim=1).square()
+        else:
+            p = None
+            hm = torch.addmm(h, h, w @ w.T, alpha=1.0, beta=-2.0)  # H WWᵀ - 2H
+            p_row_sq = (r_row_sq + (h * hm).sum(dim=1)).clamp_min(0.0)
+        rr = r_row_sq.sum()
+        gamma = _gamma(rr, p_row_sq.sum())
         if self._should_update():
             self._update(r, h, w, float(rr))
         self._t += 1
-        return PreconditionParts(p, h, gamma, w)
+        return PreconditionParts(p, h, gamma, w, p_row_sq)
 
     def _should_update(self) -> bool:
         """Call 0 initialised the estimate; then calls 1..9, then every update_period-th call."""
@@ -237,7 +252,8 @@ class OnlineNaturalGradient:
         """Fold R_t into the estimate: F_{t+1} = (1-η)F_t + (η/N)RᵀR, projected to rank R.
 
         Y = X_t F_{t+1} = (η/N) E^{-½} J + (1-η)(D+ρI) X_t with J = Hᵀ R; its Gram matrix
-        Z = Y Yᵀ = U C Uᵀ gives X_{t+1} = C^{-½} Uᵀ Y and the new eigenvalues √c.
+        Z = Y Yᵀ = U C Uᵀ gives X_{t+1} = C^{-½} Uᵀ Y and the new eigenvalues √c.  tr(RᵀR) is
+        passed in (computed directly for γ) rather than recovered from P as Kaldi does.
         """
         n, dim, rank = r.shape[0], self.dim, self.rank
         eta = 1.0 - math.exp(-n / self.num_samples_history)
@@ -367,6 +383,11 @@ class NGSGD(torch.optim.Optimizer):
     Activations are captured by a forward hook (input) and a tensor hook on the output (dL/dy);
     unlike a full backward hook this keeps in-place activations after the layer legal.  One
     forward and one backward per ``step()``; gradient accumulation raises.
+
+    ``momentum`` (0 in Kaldi's NG component and in the paper) follows torch.optim.SGD:
+    buf = μ·buf + d, p -= lr·buf, with d the gradient, or for a Linear layer the scaled
+    natural-gradient direction m·γ_in·γ_out·P_outᵀP_in/N.  ``precondition=False`` keeps only
+    max-change; with ``max_change=0`` as well the update is exactly torch.optim.SGD's.
     """
 
     def __init__(
@@ -566,14 +587,17 @@ class NGSGD(torch.optim.Optimizer):
         if layer.module.bias is not None:
             x = torch.cat([x, x.new_ones(n, 1)], dim=1)  # x̃ = [x, 1]
         if self.precondition:
+            dense = n <= layer.pre_in.rank + layer.pre_out.rank  # see _NGStep
             pin = layer.pre_in.precondition_parts(x)
-            pout = layer.pre_out.precondition_parts(delta)
-            p_in, p_out, s = pin.p, pout.p, pin.gamma * pout.gamma
+            pout = layer.pre_out.precondition_parts(delta, explicit=dense)
+            in_sq, out_sq, s = pin.p_row_sq, pout.p_row_sq, pin.gamma * pout.gamma
         else:
             pin = pout = None
-            p_in, p_out, s = x, delta, x.new_ones(())
-        scale = s * self._max_change_scale(p_in, p_out, s, lr / per_frame, n)
-        layer.last_scale = scale / s
+            in_sq = torch.linalg.vector_norm(x, dim=1).square()
+            out_sq = torch.linalg.vector_norm(delta, dim=1).square()
+            s = x.new_ones(())
+        layer.last_scale = self._max_change_scale(in_sq, out_sq, s, lr / per_frame, n)
+        scale = s * layer.last_scale
         step = _NGStep.build(weight, bias if has_bias else None, delta, pin, pout, 1.0 / per_frame)
         if momentum:
             d_w, d_b = step.materialize()
@@ -584,13 +608,16 @@ class NGSGD(torch.optim.Optimizer):
             step.apply_(weight, bias, -lr * scale)
 
     def _max_change_scale(
-        self, p_in: Tensor, p_out: Tensor, s: Tensor, lr_frame: float, n: int
+        self, in_sq: Tensor, out_sq: Tensor, s: Tensor, lr_frame: float, n: int
     ) -> Tensor:
-        """m = min(1, max_change·N / bound), bound = lr_frame·s·Σ_i ‖p_in,i‖·‖p_out,i‖ ≥ ‖ΔW‖_F."""
-        one = p_in.new_ones(())
+        """m = min(1, max_change·N / bound), bound = lr_frame·s·Σ_i ‖p_in,i‖·‖p_out,i‖ ≥ ‖ΔW‖_F.
+
+        ``in_sq``/``out_sq`` are the squared row norms of P_in and P_out (before γ).
+        """
+        one = s.new_ones(())
         if self.max_change <= 0:
             return one
-        bound = lr_frame * s * torch.dot(p_in.norm(dim=1), p_out.norm(dim=1))
+        bound = lr_frame * s * (in_sq * out_sq).sqrt().sum()
         limit = self.max_change * n
         return torch.where(bound > limit, limit / bound.clamp_min(limit), one)
 
@@ -599,16 +626,17 @@ class NGSGD(torch.optim.Optimizer):
 class _NGStep:
     """The direction k·P_outᵀ P_in (``weight.grad`` units; k = 1/N for a mean loss, Δ per frame).
 
-    Either ``dense`` (O×(I+1)), or the low-rank form  A - left @ right  with A the autograd
-    gradient, left = k·[W_oᵀ, Δᵀ H_i] (O×(R_o+R_i)) and right = [H_oᵀ P_in; W_i], which costs
+    Either ``dense`` (O×(I+1)), or the low-rank form  A - k·leftᵀᵀ @ right  with A the autograd
+    gradient, leftᵀ = [W_o; H_iᵀ Δ] ((R_o+R_i)×O) and right = [H_oᵀ P_in; W_i], which costs
     (R_o+R_i)·O·(I+1) instead of N·O·(I+1) and is chosen when N > R_o + R_i.  Without
     preconditioning the direction is just A.
     """
 
     grad_w: Tensor
     grad_b: Tensor | None
+    k: float = 1.0
     dense: Tensor | None = None
-    left: Tensor | None = None
+    left_t: Tensor | None = None
     right: Tensor | None = None
 
     @classmethod
@@ -621,51 +649,47 @@ class _NGStep:
         pout: PreconditionParts | None,
         k: float,
     ) -> _NGStep:
-        grad_b = None if bias is None else bias.grad
-        step = cls(weight.grad, grad_b)
+        step = cls(weight.grad, None if bias is None else bias.grad, k)
         if pin is None or pout is None:
             return step
-        if delta.shape[0] <= pin.w.shape[0] + pout.w.shape[0]:
+        if pout.p is not None and delta.shape[0] <= pin.w.shape[0] + pout.w.shape[0]:
             step.dense = (pout.p * k).T @ pin.p
-        else:
-            step.left = torch.cat([pout.w.T, delta.T @ pin.h], dim=1) * k
+        else:  # row blocks of contiguous matrices: cheap concatenations
+            step.left_t = torch.cat([pout.w, pin.h.T @ delta], dim=0)
             step.right = torch.cat([pout.h.T @ pin.p, pin.w], dim=0)
         return step
 
     def _split(self, m: Tensor, n_in: int) -> tuple[Tensor, Tensor | None]:
         return m[:, :n_in], (m[:, n_in] if self.grad_b is not None else None)
 
+    def _parts(self, n_in: int, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+        """(A_w, A_b, left, right_w, right_b) of the low-rank form, or dense/plain as A."""
+        if self.dense is not None:
+            return (*self._split(self.dense.to(dtype), n_in), None, None, None)
+        if self.left_t is None:
+            return self.grad_w, self.grad_b, None, None, None
+        r_w, r_b = self._split(self.right.to(dtype), n_in)
+        return self.grad_w, self.grad_b, self.left_t.to(dtype).T, r_w, r_b
+
     def materialize(self) -> tuple[Tensor, Tensor | None]:
         """(weight direction, bias direction) as new tensors."""
-        n_in = self.grad_w.shape[1]
-        if self.dense is not None:
-            return self._split(self.dense, n_in)
-        if self.left is None:
-            return self.grad_w.clone(), None if self.grad_b is None else self.grad_b.clone()
-        r_w, r_b = self._split(self.right, n_in)
-        d_w = torch.addmm(self.grad_w.to(self.left), self.left, r_w, alpha=-1.0)
-        d_b = (
-            None
-            if r_b is None
-            else torch.addmv(self.grad_b.to(self.left), self.left, r_b, alpha=-1.0)
-        )
+        a_w, a_b, left, r_w, r_b = self._parts(self.grad_w.shape[1], self.grad_w.dtype)
+        if left is None:
+            return a_w.clone(), None if a_b is None else a_b.clone()
+        d_w = torch.addmm(a_w, left, r_w, alpha=-self.k)
+        d_b = None if a_b is None else torch.addmv(a_b, left, r_b, alpha=-self.k)
         return d_w, d_b
 
     def apply_(self, weight: Tensor, bias: Tensor | None, coef: Tensor) -> None:
         """weight += coef·direction (bias likewise) in place, without forming the direction."""
-        n_in = weight.shape[1]
-        if self.dense is not None or self.left is None:
-            d_w, d_b = (
-                self._split(self.dense, n_in)
-                if self.dense is not None
-                else (self.grad_w, self.grad_b)
-            )
-            weight.addcmul_(d_w.to(weight.dtype), coef.to(weight.dtype))
-            if d_b is not None:
-                bias.addcmul_(d_b.to(bias.dtype), coef.to(bias.dtype))
+        a_w, a_b, left, r_w, r_b = self._parts(weight.shape[1], weight.dtype)
+        coef = coef.to(weight.dtype)
+        weight.addcmul_(a_w, coef)
+        if a_b is not None:
+            bias.addcmul_(a_b, coef)
+        if left is None:
             return
-        left = (self.left * -coef).to(weight.dtype)  # the low-rank part enters with a minus sign
-        r_w, r_b = self._split(self.right.to(weight.dtype), n_in)
-        weight.addcmul_(self.grad_w, coef.to(weight.dtype)).addmm_(left, r_w)
-        if r_b is not None:
-            bias.addcmul_(self.grad_b, coef.to(bias.dtype)).addmv_(left, r_b)
+        left = left * (-self.k * coef)  # the low-rank part enters with a minus sign
+        weight.addmm_(left, r_w)
+        if a_b is not None:
+            bias.addmv_(left, r_b)
