@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return handlers[args.command](args, argv)
     except UsageError as exc:
-        print(f"modelavg: error: {exc}", file=sys.stderr)
+        print(f"modelavg: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return 2
     except WorkerLost as exc:
         from modelavg.launch import PEER_LOST

@@ -3,7 +3,10 @@
 After each averaging all replicas are identical on every process, so every process reaches the
 same verdict without extra communication. A rollback restores the last good averaged model,
 clears the optimiser state (momentum or NG-SGD statistics may hold the NaN), multiplies the
-learning rate by ``lr_factor`` and is logged; after ``max_rollbacks`` it stops the run.
+learning rate by ``lr_factor`` and is logged; after ``max_rollbacks`` it stops the run. A model
+can be finite yet already ruined (a huge step that has not overflowed yet): when the round right
+after a rollback diverges again, the next rollback goes further back, to the ``fallback`` (the
+last model the schedule validated and accepted).
 
 Example::
 
@@ -28,6 +31,7 @@ class DivergenceGuard:
         self.max_rollbacks = max_rollbacks
         self.lr_factor = lr_factor
         self.rollbacks = 0
+        self.just_rolled_back = False
         self.good: torch.Tensor | None = None
 
     @property
@@ -38,13 +42,19 @@ class DivergenceGuard:
     @torch.no_grad()
     def remember(self, models: list[nn.Module]) -> None:
         self.good = flatten(models[0]).clone()
+        self.just_rolled_back = False
 
     @torch.no_grad()
     def healthy(self, models: list[nn.Module]) -> bool:
         return bool(torch.isfinite(flatten(models[0])).all())
 
     @torch.no_grad()
-    def roll_back(self, models: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
+    def roll_back(
+        self,
+        models: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer],
+        fallback: dict | None = None,
+    ) -> None:
         self.rollbacks += 1
         if self.rollbacks > self.max_rollbacks:
             raise UsageError(
@@ -52,7 +62,11 @@ class DivergenceGuard:
                 f"--max-rollbacks {self.max_rollbacks}: lower --lr"
             )
         for model in models:
-            unflatten_(self.good, model)
+            if self.just_rolled_back and fallback is not None:
+                model.load_state_dict(fallback)
+            else:
+                unflatten_(self.good, model)
+        self.just_rolled_back = True
         for opt in optimizers:
             opt.state.clear()
             if hasattr(opt, "reset_preconditioners"):

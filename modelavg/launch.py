@@ -27,7 +27,6 @@ from modelavg.comm.base import Communicator
 from modelavg.comm.inprocess import InProcessCommunicator
 from modelavg.errors import UsageError
 
-
 PEER_LOST = 3  # exit code of a worker that stopped because another one died
 
 

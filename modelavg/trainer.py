@@ -146,7 +146,7 @@ def check_divergence(run: Run, round_: int) -> None:
     if run.guard.healthy(run.models):
         run.guard.remember(run.models)
         return
-    run.guard.roll_back(run.models, [r.optimizer for r in run.replicas])
+    run.guard.roll_back(run.models, [r.optimizer for r in run.replicas], run.accepted_model)
     run.averager.start(run.models)
     for r in run.replicas:
         set_lr(r.optimizer, run.lr)

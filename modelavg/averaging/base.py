@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from modelavg.comm.base import Communicator
 
@@ -29,7 +29,12 @@ def flatten(model: nn.Module) -> torch.Tensor:
 
 
 def unflatten_(flat: torch.Tensor, model: nn.Module) -> None:
-    vector_to_parameters(flat, model.parameters())
+    """Copy ``flat`` into the parameters (a copy: torch's vector_to_parameters would make the
+    parameters views of ``flat``, so replicas unflattened from one buffer would share storage)."""
+    offset = 0
+    for p in model.parameters():
+        p.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
 class Averager(ABC):

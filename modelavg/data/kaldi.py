@@ -101,14 +101,14 @@ def read_corpus(
     feat_spec = rspecifier(data_dir, feats, FEATS)
     fdict: dict[str, np.ndarray] = {}
     dim = None
-    skipped = 0
+    skipped: set[str] = set()
     for utt, mat in _read_table(feat_spec):
         where = f"{feat_spec.split(':', 1)[1]}: utterance {utt}"
         if mat.ndim != 2 or mat.shape[0] == 0:
             raise UsageError(f"{where}: expected a non-empty frames x dims matrix, got {mat.shape}")
         if not np.isfinite(mat).all():
             if skip_bad_utts:
-                skipped += 1
+                skipped.add(utt)
                 continue
             raise UsageError(f"{where}: features contain NaN or Inf")
         if dim is None:
@@ -136,7 +136,7 @@ def read_corpus(
                 raise UsageError(f"{where}: negative class id {int(vec.min())}")
             if utt not in fdict:
                 if skip_bad_utts:
-                    skipped += 1
+                    skipped.add(utt)
                     continue
                 raise UsageError(f"{where}: targets but no features")
             n = len(fdict[utt])
@@ -151,13 +151,13 @@ def read_corpus(
             )
         for utt in missing:
             del fdict[utt]
-            skipped += 1
+            skipped.add(utt)
         for utt, vec in tdict.items():  # trim the small length mismatches to the shorter side
             n = min(len(vec), len(fdict[utt]))
             fdict[utt], tdict[utt] = fdict[utt][:n], vec[:n]
         if not fdict:
             raise UsageError(f"{data_dir}: no utterance has both features and targets")
-    source = str(data_dir) + (f" ({skipped} bad utterances skipped)" if skipped else "")
+    source = str(data_dir) + (f" ({len(skipped)} bad utterances skipped)" if skipped else "")
     return Corpus(fdict, tdict, source)
 
 
