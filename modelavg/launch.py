@@ -100,6 +100,7 @@ def ensure_rendezvous(penv: ProcessEnv) -> None:
             f"launched by {penv.launcher} without MASTER_ADDR/MASTER_PORT: export them "
             "(e.g. -x MASTER_ADDR=host0 -x MASTER_PORT=29500) or pip install mpi4py"
         ) from None
+    MPI.COMM_WORLD.Barrier()  # MPI opens its own sockets now, not after we pick a free port
     addr = (socket.gethostname(), free_port()) if penv.rank == 0 else None
     addr = MPI.COMM_WORLD.bcast(addr, root=0)
     os.environ.setdefault(

@@ -1,5 +1,6 @@
 """Launcher detection (torchrun, OpenMPI, MPICH, srun) and real multi-process runs."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -212,3 +213,87 @@ def test_workers_must_match_launcher(data_dir, tmp_path):
     )
     assert r.returncode != 0
     assert "--workers 3 but torchrun started 2 processes" in r.stderr
+
+
+def test_torchrun_restart_resumes_to_the_same_model(data_dir, tmp_path):
+    """Kill a worker mid-run under torchrun --max-restarts 1: the job restarts itself, resumes
+    from the last checkpoint and ends with exactly the model of an uninterrupted run."""
+    args = ["--data", str(data_dir), *SMALL, "--epochs", "6"]
+    ref = tmp_path / "ref"
+    assert (
+        run(
+            [
+                sys.executable,
+                "-m",
+                "modelavg",
+                "train",
+                "--out",
+                str(ref),
+                "--in-process",
+                "--workers",
+                "2",
+                *args,
+            ]
+        ).returncode
+        == 0
+    )
+    # torch elastic's restarted round sometimes fails to form its gloo mesh on this machine
+    # ("connectFullMesh ... Connection refused", about 1 run in 3, inside torch): one more try.
+    for attempt in range(2):
+        out = tmp_path / f"restarted{attempt}"
+        code, err = kill_one_worker_under_torchrun(out, args)
+        if code == 0 or "connectFullMesh" not in err:
+            break
+    assert code == 0, err
+    assert_same_model(out, ref)
+    epochs = [
+        json.loads(x)["epoch"]
+        for x in (out / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "epoch"' in x
+    ]
+    assert epochs == [0, 1, 2, 3, 4, 5, 6]  # no epoch lost or repeated in the log
+
+
+def kill_one_worker_under_torchrun(out: Path, args: list[str]) -> tuple[int, str]:
+    import signal
+    import time
+
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_"))
+    }
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--max-restarts",
+            "1",
+            "-m",
+            "modelavg",
+            "train",
+            "--out",
+            str(out),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "e003-r00000").exists():
+        assert time.monotonic() < deadline and agent.poll() is None, agent.communicate()
+        time.sleep(0.1)
+    pids = subprocess.run(
+        ["pgrep", "-P", str(agent.pid)], capture_output=True, text=True
+    ).stdout.split()
+    os.kill(int(pids[-1]), signal.SIGKILL)
+    try:
+        _, err = agent.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        _, err = agent.communicate()
+    return agent.returncode, err
