@@ -179,6 +179,14 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace, argv: list[str]) -> int:
+    from modelavg.demo import run_demo
+
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    run_demo(args.data_dir, args.out, args.workers, args.in_process, overrides)
+    return 0
+
+
 def cmd_prepare_demo(args: argparse.Namespace, argv: list[str]) -> int:
     from modelavg.data.demo import prepare_demo
 
@@ -243,6 +251,23 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
     p.add_argument("--seed", type=int, default=0, help="seed of the cv hold-out")
     handlers["prepare-fashion"] = cmd_prepare_fashion
     return parser, handlers
+
+
+def help_markdown() -> str:
+    """docs/CLI.md: every command's --help (kept in sync by a test)."""
+    os.environ["COLUMNS"] = "100"
+    parser, handlers = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parts = [
+        "# modelavg command reference",
+        "",
+        "Generated from the parser: `python -c 'from modelavg.cli import help_markdown as h; "
+        'print(h(), end="")\' > docs/CLI.md`.',
+        "",
+    ]
+    for name, p in sub.choices.items():
+        parts += [f"## modelavg {name}", "", "```", p.format_help().rstrip(), "```", ""]
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
