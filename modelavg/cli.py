@@ -235,6 +235,18 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
     handlers["eval"] = cmd_eval
 
     p = sub.add_parser(
+        "demo",
+        help="prepare the real speech demo, train with 2 workers, evaluate, write a report "
+        "(the README's main command)",
+    )
+    p.add_argument("--data-dir", default="data/demo", help="demo corpus (built if absent)")
+    p.add_argument("--out", default="exp/demo", help="run directory (default: exp/demo)")
+    p.add_argument("--workers", type=int, default=2, help="workers (default: 2 processes)")
+    p.add_argument("--in-process", action="store_true", help="logical workers in one process")
+    p.add_argument("--epochs", type=int, help="override the demo's number of epochs")
+    handlers["demo"] = cmd_demo
+
+    p = sub.add_parser(
         "prepare-demo",
         help="build the real speech demo corpus (Asterisk prompts "
         "forced-aligned to senones with pocketsphinx)",
