@@ -31,7 +31,7 @@ DEMO_OPTIONS = {
     "lr": 1.0,
     "schedule": "exponential",
     "final_lr_ratio": 0.1,
-    "epochs": 6,
+    "epochs": 8,
     "minibatch": 256,
     "avg_every": 10,
     "context": 5,
@@ -85,7 +85,9 @@ def run_demo(
         prepare_demo(data)
     prepared = time.time()
     clear_previous(run_dir)
-    options = {**DEMO_OPTIONS, **(overrides or {})}
+    # every senone of the class map is an output, also those seen only in test_other
+    classes = len((data / "classes.txt").read_text().splitlines())
+    options = {**DEMO_OPTIONS, "num_classes": classes, **(overrides or {})}
     cfg = validate(
         TrainConfig(
             data=str(data / "train"),

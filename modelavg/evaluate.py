@@ -98,6 +98,11 @@ def evaluate_data_dir(
     if class_map is None or train is None or not phones_scp.exists():
         return result
     class_to_phone, names = decode.load_class_map(class_map)
+    if len(class_to_phone) != spec.num_classes:
+        raise UsageError(
+            f"{class_map}/classes.txt: {len(class_to_phone)} classes, the model has "
+            f"{spec.num_classes} outputs"
+        )
     ref = read_corpus(data_dir, feats, str(phones_scp)).targets
     train_phones = read_corpus(train_dir, targets=str(Path(train_dir) / "phones.scp")).targets
     log_probs = utterance_log_probs(model, table, spec.context)

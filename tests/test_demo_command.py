@@ -1,0 +1,84 @@
+"""`modelavg demo` end to end on a small subset of the real corpus."""
+
+import json
+
+import pytest
+
+from modelavg.cli import main
+
+pytest.importorskip("pocketsphinx")
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    from modelavg.data.demo import prepare_demo
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    prepare_demo(out, max_utts=40, progress=False)
+    return out
+
+
+def test_demo_trains_evaluates_and_reports(small_corpus, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert (
+        main(
+            [
+                "demo",
+                "--data-dir",
+                str(small_corpus),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--in-process",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "phone error rate" in printed
+    report = (out / "report.md").read_text()
+    assert "| test |" in report and "| test_other |" in report
+    for png in ["cv.png", "lr.png", "averaging.png"]:
+        assert (out / png).stat().st_size > 1000
+    # eval on the demo layout finds the class map and training alignments by itself
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(out / "final.pt"),
+                "--data",
+                str(small_corpus / "test"),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    for key in [
+        "frame_accuracy",
+        "chance_accuracy",
+        "majority_accuracy",
+        "phone_error_rate",
+        "phone_frame_accuracy",
+        "phone_majority_accuracy",
+    ]:
+        assert 0.0 <= result[key] <= 1.5, key
+    assert result["chance_accuracy"] < result["majority_accuracy"]
+    # running the demo again replaces its own earlier run
+    assert (
+        main(
+            [
+                "demo",
+                "--data-dir",
+                str(small_corpus),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--in-process",
+            ]
+        )
+        == 0
+    )
