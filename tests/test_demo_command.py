@@ -66,19 +66,17 @@ def test_demo_trains_evaluates_and_reports(small_corpus, tmp_path, capsys):
     ]:
         assert 0.0 <= result[key] <= 1.5, key
     assert result["chance_accuracy"] < result["majority_accuracy"]
-    # running the demo again replaces its own earlier run
-    assert (
-        main(
-            [
-                "demo",
-                "--data-dir",
-                str(small_corpus),
-                "--out",
-                str(out),
-                "--epochs",
-                "1",
-                "--in-process",
-            ]
-        )
-        == 0
-    )
+
+
+def test_demo_replaces_only_its_own_runs(tmp_path):
+    from modelavg.demo import clear_previous
+    from modelavg.errors import UsageError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("x")
+    clear_previous(mine)
+    assert not mine.exists()
+    (tmp_path / "other").mkdir()
+    with pytest.raises(UsageError, match="not a modelavg run"):
+        clear_previous(tmp_path / "other")
