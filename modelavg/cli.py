@@ -86,7 +86,7 @@ def check_out_dir(cfg: TrainConfig) -> None:
     if not cfg.resume and has_run:
         raise UsageError(f"--out {out} already holds a run: pass --resume or choose another")
     parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not os.access(parent, os.W_OK) or (out.exists() and not out.is_dir()):
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(f"--out {out}: not a writable directory")
 
 

@@ -229,10 +229,10 @@ def test_unwritable_out(data_dir, tmp_path, capsys):
         locked.chmod(0o700)
 
 
-def test_out_that_is_a_file(data_dir, tmp_path, capsys):
-    f = tmp_path / "file"
-    f.write_text("x")
-    assert main(["train", "--data", str(data_dir), "--out", str(f), *SMALL]) == 2
+@pytest.mark.parametrize("where", ["file", "file/below"])
+def test_out_that_is_or_is_under_a_file(data_dir, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / where), *SMALL]) == 2
     assert "not a writable directory" in capsys.readouterr().err
 
 
