@@ -187,6 +187,12 @@ def cmd_demo(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    from modelavg.sweep import main as sweep_main
+
+    return sweep_main(args)
+
+
 def cmd_prepare_demo(args: argparse.Namespace, argv: list[str]) -> int:
     from modelavg.data.demo import prepare_demo
 
@@ -262,6 +268,11 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
     p.add_argument("--max-images", type=int, help="cap the number of images (for tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cv hold-out")
     handlers["prepare-fashion"] = cmd_prepare_fashion
+    from modelavg import sweep
+
+    p = sub.add_parser("sweep", help="run a grid of training runs: results table, plots, speedup")
+    sweep.add_arguments(p)
+    handlers["sweep"] = cmd_sweep
     return parser, handlers
 
 

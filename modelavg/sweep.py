@@ -90,13 +90,19 @@ class Grid:
     path: Path
     fixed: dict[str, Any]
     axes: list[tuple[tuple[str, ...], list[tuple]]]  # option names, one value tuple per point
-    time_model: dict[str, Any] | str | None = None
+    time_model: TimeModelSpec | None = None
     accuracy_drop: float = PAPER_DROP
     cells: list[Cell] = field(default_factory=list)
 
     @property
     def varying(self) -> list[str]:
         return [name for names, _ in self.axes for name in names]
+
+    def others(self, name: str) -> list[str]:
+        """The varying options not on ``name``'s axis: with ``workers+epochs``, cells that differ
+        in N and in epochs still belong to one line of an N plot and one speedup table."""
+        own = next((names for names, _ in self.axes if name in names), (name,))
+        return [n for n in self.varying if n not in own]
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -122,7 +128,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
     drop = raw.get("accuracy_drop", PAPER_DROP)
     if not isinstance(drop, int | float) or not 0 <= drop < 1:
         raise UsageError(f"{path}: accuracy_drop must be a number in [0, 1), e.g. 0.005")
-    grid = Grid(path, fixed, axes, raw.get("time_model"), float(drop))
+    spec = time_model_spec(raw.get("time_model"), path)
+    grid = Grid(path, fixed, axes, spec, float(drop))
     grid.cells = make_cells(grid)
     return grid
 
@@ -289,7 +296,7 @@ def failure_reason(cell_dir: Path) -> tuple[str, str]:
     log = cell_dir / "train.log"
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
     errors = [x for x in lines if "error" in x.lower()] or lines or ["no output"]
-    message = errors[-1].strip()
+    message = errors[-1].strip().removeprefix("modelavg: error: ")
     return ("infeasible" if INFEASIBLE in message else "failed"), message[:300]
 
 
@@ -358,12 +365,15 @@ def run_sweep(
     dry_run: bool = False,
     *,
     resume: bool = False,
+    keep_checkpoints: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Run (or with ``dry_run`` only list) every cell; returns one row per cell.
 
     Finished cells are skipped; half-finished ones restart cleanly, or continue from their last
-    checkpoint with ``resume``. Writes results.csv, results.md, the plots and speedup.md/.png.
+    checkpoint with ``resume``. A finished cell's checkpoints are deleted (final.pt stays) unless
+    ``keep_checkpoints``: a full grid of paper-size models would not fit on disk. Writes
+    results.csv, results.md, the plots and speedup.md/.png.
     """
     grid = load_grid(grid_path)
     out = Path(out_dir)
@@ -372,6 +382,11 @@ def run_sweep(
         cell_dir = out / cell.name
         action = plan_cell(cell, cell_dir, resume)
         prefix = f"[{i}/{len(grid.cells)}] {cell.name}:"
+        missing = missing_input(cell) if action in ("run", "resume") else None
+        if missing:  # e.g. the DBN is not pretrained yet: the other cells can still run
+            log(f"{prefix} missing input: {missing}")
+            rows.append({**base_row(cell, "planned" if dry_run else "failed"), "error": missing})
+            continue
         if dry_run:
             cmd = " ".join(train_command(cell_dir, action == "resume"))
             log(f"{prefix} {action}" + ("" if action in ("skip", "infeasible") else f": {cmd}"))
@@ -384,9 +399,25 @@ def run_sweep(
             rows.append({**base_row(cell, "infeasible"), "error": message})
             continue
         rows.append(execute(cell, cell_dir, action, prefix, log))
+        if rows[-1]["status"] == "done" and not keep_checkpoints:
+            shutil.rmtree(cell_dir / "checkpoints", ignore_errors=True)
     if not dry_run:
         write_reports(grid, out, rows, log)
     return rows
+
+
+def missing_input(cell: Cell) -> str | None:
+    """The first data directory or --init file of a cell that does not exist (None: all do)."""
+    c = cell.config
+    checks = [
+        ("data", c.get("data"), c.get("feats") is None, Path.is_dir),
+        ("cv", c.get("cv"), c.get("cv_feats") is None, Path.is_dir),
+        ("init", c.get("init"), True, Path.is_file),
+    ]
+    for key, value, needed, exists in checks:
+        if value is not None and needed and not exists(Path(value)):
+            return f"{key} {value}: no such {'file' if key == 'init' else 'directory'}"
+    return None
 
 
 def base_row(cell: Cell, status: str) -> dict[str, Any]:
@@ -464,7 +495,8 @@ def format_option(name: str, value: Any) -> Any:
 
 def results_markdown(grid: Grid, rows: list[dict], plots: list[Path], speedup: str | None) -> str:
     varying = grid.varying
-    head = [*varying, "status", "CV acc", "CV loss", "epochs", "frames/worker", "wall s", "avg %"]
+    head = [*varying, "status", "CV acc", "CV loss", "epochs run", "frames/worker", "wall s"]
+    head.append("avg %")
     lines = [
         f"# Sweep results: {grid.path.name}",
         "",
@@ -513,10 +545,8 @@ def write_plots(grid: Grid, out: Path, rows: list[dict]) -> list[Path]:
     plots = []
     for axis, name in (("workers", "cv_vs_workers.png"), ("avg_every", "cv_vs_avg_every.png")):
         if axis in grid.varying:
-            plots.append(
-                plot_against(done, axis, [n for n in grid.varying if n != axis], out / name)
-            )
-    plots.append(plot_curves(done, grid.varying, out / "learning_curves.png"))
+            plots.append(plot_against(done, axis, grid.others(axis), out / name))
+    plots.append(plot_curves(done, grid, out / "learning_curves.png"))
     return plots
 
 
@@ -530,11 +560,20 @@ def plot_against(rows: list[dict], axis: str, others: list[str], path: Path) -> 
         group.sort(key=lambda r: r[axis])
         xs = [r[axis] for r in group]
         ax.plot(xs, [100 * r["cv_frame_accuracy"] for r in group], "o-", label=label(key))
-    ax.set_xscale("log", base=2)
+    integer_log2_axis(ax, sorted({r[axis] for r in rows}))
     ax.set(xlabel={"workers": "workers N", "avg_every": "averaging period K"}[axis])
     ax.set(ylabel="final CV frame accuracy (%)")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def integer_log2_axis(ax, ticks: list[int]) -> None:
+    """N and K grow in powers of two; label the values actually run, as plain integers."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def grouped(rows: list[dict], names: Sequence[str]) -> dict[tuple, list[dict]]:
@@ -544,21 +583,22 @@ def grouped(rows: list[dict], names: Sequence[str]) -> dict[tuple, list[dict]]:
     return groups
 
 
-def plot_curves(rows: list[dict], varying: list[str], path: Path) -> Path:
+def plot_curves(rows: list[dict], grid: Grid, path: Path) -> Path:
     """One panel per setting of the non-N options, one line per N (or per cell)."""
     import matplotlib.pyplot as plt
 
     from modelavg.report import _save
 
-    line_by = "workers" if "workers" in varying else None
-    panels = grouped(rows, [n for n in varying if n != line_by])
+    line_by = "workers" if "workers" in grid.varying else None
+    panels = grouped(rows, grid.others("workers") if line_by else grid.varying)
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
     for ax, (key, group) in zip(axes.flat, panels.items(), strict=False):
         for r in sorted(group, key=lambda r: r.get(line_by) or 0):
             frames, acc = r["curve"]
-            name = f"N={r[line_by]}" if line_by else r["cell"]
+            partners = [n for n in grid.varying if n not in grid.others("workers")]
+            name = ",".join(f"{n}={r[n]}" for n in partners) if line_by else r["cell"]
             ax.plot(frames, [100 * a for a in acc], "o-", ms=3, label=name)
         ax.set(title=label(key), xlabel="frames per worker", ylabel="CV frame accuracy (%)")
         ax.title.set_fontsize(8)
@@ -622,18 +662,37 @@ class TimeModelSpec:
     parallel_fixed_s: float | str = 0.0  # s per epoch of this run, or paper (prorated)
 
 
+TIME_MODEL_WORDS = {
+    "step_seconds": ("measured", "paper"),
+    "model_bytes": ("model", "paper"),
+    "link": ("paper",),
+    "parallel_overhead": ("paper",),
+    "parallel_fixed_s": ("paper",),
+}
+
+
 def time_model_spec(raw: Any, where: Path) -> TimeModelSpec:
-    """``time_model: paper`` = the paper's K20 step, model size, link and overheads."""
+    """``time_model: paper`` = the paper's K20 step, model size, link and overheads.
+
+    Checked when the grid is read, so a typo does not surface only after every cell has run.
+    """
     if raw is None or raw == "measured":
         return TimeModelSpec()
     if raw == "paper":
         return TimeModelSpec("paper", "paper", "paper", "paper", "paper")
     if not isinstance(raw, dict):
         raise UsageError(f"{where}: time_model must be measured, paper or a mapping")
-    known = TimeModelSpec.__dataclass_fields__
-    for key in raw:
-        if key not in known:
-            raise UsageError(f"{where}: time_model: unknown key {key!r} ({', '.join(known)})")
+    for key, value in raw.items():
+        if key not in TIME_MODEL_WORDS:
+            known = ", ".join(TIME_MODEL_WORDS)
+            raise UsageError(f"{where}: time_model: unknown key {key!r} ({known})")
+        if key == "link" and isinstance(value, dict):
+            link_from(value, where)
+        elif value not in TIME_MODEL_WORDS[key] and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+        ):
+            words = " | ".join(TIME_MODEL_WORDS[key])
+            raise UsageError(f"{where}: time_model: {key}: {value!r} is not {words} or a number")
     return TimeModelSpec(**raw)
 
 
@@ -644,16 +703,19 @@ def seconds_function(spec: TimeModelSpec, group: list[dict], where: Path):
     ref = group[0]
     minibatch, avg_every = int(ref["minibatch"]), int(ref["avg_every"])
     cal = tm.calibration_report()
-    model_bytes = pick(spec.model_bytes, 4.0 * ref["parameters"], tm.PAPER_MODEL_BYTES, where)
-    measured = statistics.median(r["step_s"] for r in group if r.get("step_s"))
-    paper_step = (
+    model_bytes = pick(
+        spec.model_bytes, {"model": 4.0 * ref["parameters"], "paper": tm.PAPER_MODEL_BYTES}
+    )
+    steps = [r["step_s"] for r in group if r.get("step_s")]
+    paper_step = (  # FLOPs scale with model size and minibatch
         cal.compute.step_seconds
         * (minibatch / tm.PAPER_MINIBATCH)
         * (model_bytes / tm.PAPER_MODEL_BYTES)
     )
-    step = pick(spec.step_seconds, measured, paper_step, where, first="measured")
+    measured = statistics.median(steps) if steps else math.nan
+    step = pick(spec.step_seconds, {"measured": measured, "paper": paper_step})
     link = cal.link_fit.link if spec.link == "paper" else link_from(spec.link, where)
-    overhead = pick(spec.parallel_overhead, 0.0, cal.compute.parallel_overhead, where)
+    overhead = pick(spec.parallel_overhead, {"paper": cal.compute.parallel_overhead})
     per_epoch = ref["frames_per_worker_epoch"]
 
     def fixed(n: int, frames: float) -> float:
@@ -679,17 +741,8 @@ def seconds_function(spec: TimeModelSpec, group: list[dict], where: Path):
     return seconds, described
 
 
-def pick(value: Any, default: float, paper: float, where: Path, first: str = "model") -> float:
-    if value == "paper":
-        return paper
-    if value in (first, "measured", "model"):
-        return default
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UsageError(
-            f"{where}: time_model: {value!r} is not a number, paper or {first}"
-        ) from None
+def pick(value: Any, words: dict[str, float]) -> float:
+    return words[value] if isinstance(value, str) else float(value)
 
 
 def link_from(raw: Any, where: Path):
@@ -714,8 +767,8 @@ def paper_speedups() -> dict[int, tuple[float, float]]:
 
 def write_speedup(grid: Grid, out: Path, rows: list[dict]) -> str:
     """speedup.md and speedup.png: one table per setting of the options other than N."""
-    spec = time_model_spec(grid.time_model, grid.path)
-    others = [n for n in grid.varying if n != "workers"]
+    spec = grid.time_model or TimeModelSpec()
+    others = grid.others("workers")
     done = [r for r in rows if r["status"] == "done"]
     tables, series = [], []
     for key, group in grouped(done, others).items():
@@ -781,7 +834,12 @@ def speedup_markdown(grid: Grid, spec: TimeModelSpec, tables: list[str]) -> str:
         "K=10, B=1024, brief §4.1): 58% efficiency at N=16 and 52% at N=32.",
         "",
     ]
-    return "\n".join(head + (tables or ["No group has a finished 1-worker cell."])) + "\n"
+    return (
+        "\n".join(head)
+        + "\n"
+        + "\n\n".join(tables or ["No group has a finished 1-worker cell."])
+        + "\n"
+    )
 
 
 def plot_speedup(series: list[tuple[str, list[dict]]], path: Path) -> Path:
@@ -800,7 +858,7 @@ def plot_speedup(series: list[tuple[str, list[dict]]], path: Path) -> Path:
         ax1.plot([r["workers"] for r in ok], [r["speedup"] for r in ok], "o-", label=name)
         ax2.plot([r["workers"] for r in ok], [100 * r["efficiency"] for r in ok], "o-", label=name)
     for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
+        integer_log2_axis(ax, ns)
         ax.set_xlabel("workers N")
         ax.legend(fontsize=7)
     ax1.set(yscale="log", ylabel="speedup to accuracy T1/TN")
@@ -822,11 +880,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue half-finished cells from their last checkpoint (default: restart them)",
     )
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep finished cells' checkpoints (default: delete them, keep final.pt)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """0 when every cell finished (or could not fit its data: infeasible), else 1."""
-    rows = run_sweep(args.grid, args.out, args.dry_run, resume=args.resume)
+    rows = run_sweep(
+        args.grid,
+        args.out,
+        args.dry_run,
+        resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints,
+    )
     failed = [r["cell"] for r in rows if r["status"] == "failed"]
     if failed:
         print(f"modelavg: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)

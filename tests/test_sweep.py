@@ -1,0 +1,224 @@
+"""modelavg sweep: a 2x2 grid end to end, skipping finished cells, bad grid files, and the
+speedup-to-accuracy arithmetic on hand-made curves."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_data_dir
+
+from modelavg import timemodel as tm
+from modelavg.errors import UsageError
+from modelavg.sweep import (
+    TimeModelSpec,
+    add_arguments,
+    cell_name,
+    frames_to_reach,
+    load_grid,
+    main,
+    run_sweep,
+    seconds_function,
+    speedup_to_accuracy,
+)
+
+TINY = {
+    "hidden_layers": 1,
+    "hidden_dim": 16,
+    "context": 1,
+    "minibatch": 16,
+    "epochs": 2,
+    "lr": 0.5,
+    "in_process": True,
+    "threads": 1,
+}
+PNGS = ["cv_vs_workers.png", "cv_vs_avg_every.png", "learning_curves.png", "speedup.png"]
+
+
+def write_grid(path: Path, **content) -> Path:
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[Path, Path, list[dict], list[str]]:
+    tmp = tmp_path_factory.mktemp("sweep")
+    data = make_data_dir(tmp / "train", utts=24)
+    grid = write_grid(
+        tmp / "grid.yaml", data=str(data), **TINY, grid={"workers": [1, 2], "avg_every": [1, 2]}
+    )
+    out = tmp / "out"
+    stale = out / "workers=2,avg_every=2"  # a half-finished cell from an interrupted sweep
+    stale.mkdir(parents=True)
+    (stale / "stale.txt").write_text("left over")
+    lines: list[str] = []
+    rows = run_sweep(grid, out, log=lines.append)
+    return grid, out, rows, lines
+
+
+def test_results_table(sweep):
+    _, out, rows, _ = sweep
+    with (out / "results.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == len(rows) == 4
+    assert [(r["workers"], r["avg_every"]) for r in table] == [
+        ("1", "1"),
+        ("1", "2"),
+        ("2", "1"),
+        ("2", "2"),
+    ]
+    assert [r["cell"] for r in table][2] == "workers=2,avg_every=1"
+    for r in table:
+        assert r["status"] == "done"
+        assert (r["minibatch"], r["epochs"], r["optimizer"], r["init"]) == (
+            "16",
+            "2",
+            "sgd",
+            "random",
+        )
+        assert 0.25 < float(r["cv_frame_accuracy"]) <= 1  # 4 separable classes: chance is 0.25
+        assert len(r["cv_acc_per_epoch"].split()) == 3  # epochs 0, 1, 2
+        assert int(r["epochs_run"]) == 2
+        assert int(r["frames_per_worker"]) == 2 * int(r["frames_per_worker_epoch"]) > 0
+        assert float(r["wall_s"]) > 0 and 0 <= float(r["averaging_share"]) < 1
+    # N=2 workers each see about half the frames of N=1
+    assert int(table[2]["frames_per_worker"]) < int(table[0]["frames_per_worker"])
+
+
+def test_reports_and_plots(sweep):
+    _, out, _, _ = sweep
+    md = (out / "results.md").read_text()
+    assert "| workers | avg_every | status" in md and md.count("| done |") == 4
+    for name in [*PNGS, "speedup.md"]:
+        assert (out / name).stat().st_size > 0, name
+    speedup = (out / "speedup.md").read_text()
+    assert "| 1 |" in speedup and "| 2 |" in speedup and "58.3%" not in speedup  # only N in grid
+    assert not (out / "workers=2,avg_every=2" / "stale.txt").exists()  # restarted cleanly
+
+
+def test_second_run_skips_finished_cells(sweep, capsys):
+    grid, out, _, _ = sweep
+    finals = sorted(out.glob("*/final_cv.json"))
+    assert len(finals) == 4
+    before = [p.stat().st_mtime_ns for p in finals]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert main(parser.parse_args(["--grid", str(grid), "--out", str(out)])) == 0
+    assert [p.stat().st_mtime_ns for p in finals] == before
+    assert capsys.readouterr().out.count("skipped (finished)") == 4
+
+
+def test_dry_run_lists_without_running(sweep, tmp_path):
+    grid, _, _, _ = sweep
+    lines: list[str] = []
+    rows = run_sweep(grid, tmp_path / "new", dry_run=True, log=lines.append)
+    assert [r["status"] for r in rows] == ["planned"] * 4
+    assert all("modelavg train --config" in line for line in lines)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"data": "d", "hiden_dim": 3}, "unknown key 'hiden_dim'"),
+        ({"data": "d", "grid": {"workerz": [1]}}, "unknown option 'workerz'"),
+        ({"data": "d", "out": "x"}, "'out' is set by the sweep"),
+        ({"data": "d", "grid": {"workers": 2}}, "non-empty list"),
+        ({"data": "d", "grid": {"optimizer": ["sgd", "adam"]}}, "optimizer=adam"),
+        ({"data": "d", "workers": 1, "grid": {"workers": [1, 2]}}, "both fixed and in the grid"),
+        ({"data": "d", "grid": {"optimizer+lr": [["sgd"]]}}, "is not 2 values"),
+        ({"data": "d", "time_model": {"step_seconds": "fast"}}, "step_seconds: 'fast'"),
+        ({"data": "d", "accuracy_drop": 5}, "accuracy_drop"),
+    ],
+)
+def test_bad_grid_files(tmp_path, content, message):
+    with pytest.raises(UsageError, match=message.replace("+", r"\+")):
+        load_grid(write_grid(tmp_path / "g.yaml", **content))
+
+
+def test_cells_and_names(tmp_path):
+    grid = load_grid(
+        write_grid(
+            tmp_path / "g.yaml",
+            data="d",
+            grid={
+                "workers": [8],
+                "avg_every": [10],
+                "optimizer+lr": [["sgd", 0.1], ["ngsgd", 0.05]],
+                "init": ["random", "exp/dbn demo/dbn.pt"],
+            },
+        )
+    )
+    names = [c.name for c in grid.cells]
+    assert names[0] == "workers=8,avg_every=10,optimizer=sgd,lr=0.1,init=random"
+    assert names[3] == "workers=8,avg_every=10,optimizer=ngsgd,lr=0.05,init=exp_dbn_demo_dbn.pt"
+    assert grid.cells[0].config["init"] is None and grid.cells[3].config["lr"] == 0.05
+    assert cell_name({"workers": 8, "avg_every": 10, "optimizer": "sgd"}) == (
+        "workers=8,avg_every=10,optimizer=sgd"
+    )
+
+
+def test_joint_axis_stays_with_workers(tmp_path):
+    """workers+epochs is one axis: N plots and speedup tables group by the other options only."""
+    grid = load_grid(
+        write_grid(
+            tmp_path / "g.yaml",
+            data="d",
+            grid={"workers+epochs": [[1, 2], [4, 6]], "avg_every": [1, 10]},
+        )
+    )
+    assert [c.name for c in grid.cells][2] == "workers=4,epochs=6,avg_every=1"
+    assert grid.others("workers") == ["avg_every"]
+    assert grid.others("avg_every") == ["workers", "epochs"]
+
+
+def test_frames_to_reach_interpolates():
+    frames, acc = [0, 100, 200], [0.1, 0.5, 0.7]
+    assert frames_to_reach(frames, acc, 0.6) == pytest.approx(150.0)
+    assert frames_to_reach(frames, acc, 0.5) == pytest.approx(100.0)
+    assert frames_to_reach(frames, acc, 0.05) == 0.0
+    assert frames_to_reach(frames, acc, 0.71) is None
+
+
+def test_speedup_to_accuracy_by_hand():
+    curves = {
+        1: ([0, 100, 200], [0.2, 0.6, 0.8]),  # reference 0.8 -> target 0.795 at 197.5 frames
+        2: ([0, 50, 100, 150], [0.2, 0.7, 0.79, 0.8]),  # 100 + 0.005/0.01 * 50 = 125
+        4: ([0, 25, 50], [0.2, 0.7, 0.79]),  # never reaches 0.795
+    }
+    rows = speedup_to_accuracy(curves, 0.8, lambda n, f: 2 * f + (10 if n > 1 else 0))
+    by_n = {r["workers"]: r for r in rows}
+    assert by_n[1]["target"] == pytest.approx(0.795)
+    assert by_n[1]["frames_to_target"] == pytest.approx(197.5)
+    assert by_n[2]["frames_to_target"] == pytest.approx(125.0)
+    assert by_n[1]["speedup"] == pytest.approx(1.0)
+    assert by_n[2]["time_s"] == pytest.approx(260.0)
+    assert by_n[2]["speedup"] == pytest.approx(395.0 / 260.0)
+    assert by_n[2]["efficiency"] == pytest.approx(395.0 / 260.0 / 2)
+    assert by_n[4]["frames_to_target"] is None
+    assert by_n[4]["speedup"] is None and by_n[4]["efficiency"] is None
+
+
+def test_paper_time_model_reproduces_calibrated_speedup():
+    """If N workers need exactly 1/N of the frames, speedup-to-accuracy is the time model's."""
+    frames = tm.PAPER_FRAMES_PER_EPOCH
+    group = [
+        {
+            "minibatch": 1024,
+            "avg_every": 10,
+            "parameters": tm.PAPER_MODEL_PARAMS,
+            "step_s": 0.01,
+            "frames_per_worker_epoch": frames,
+        }
+    ]
+    spec = TimeModelSpec("paper", "paper", "paper", "paper", "paper")
+    seconds, _ = seconds_function(spec, group, Path("g.yaml"))
+    curves = {n: ([0.0, frames / n], [0.0, 1.0]) for n in tm.PAPER_GPUS}
+    rows = speedup_to_accuracy(curves, 1.0, seconds, drop=0.0)
+    cal = tm.calibration_report()
+    for row, ref in zip(rows, cal.rows, strict=True):
+        assert row["speedup"] == pytest.approx(ref["speedup_pred"], rel=1e-9)
+    assert rows[4]["efficiency"] == pytest.approx(9.32 / 16, abs=0.03)  # the paper's 58% at 16
