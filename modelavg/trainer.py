@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from modelavg import checkpoint as ckpt
 from modelavg.averaging import Averager, make_averager
+from modelavg.averaging.base import flatten, share_flat_storage_, unflatten_
 from modelavg.comm.base import Communicator
 from modelavg.config import TrainConfig
 from modelavg.data.frames import FrameTable
@@ -250,14 +251,13 @@ def make_replicas(cfg: TrainConfig, comm: Communicator, data: TrainingData) -> l
     torch.manual_seed(cfg.seed)
     model = data.initial_model.to(comm.device)
     with torch.no_grad():
-        from modelavg.averaging.base import flatten, unflatten_
-
         flat = flatten(model)
         comm.broadcast_(flat)
         unflatten_(flat, model)
     replicas = []
     for i, worker in enumerate(comm.worker_ids):
         m = copy.deepcopy(model)
+        share_flat_storage_(m)  # averaging reduces the parameters in place
         replicas.append(
             Replica(
                 worker,

@@ -23,8 +23,31 @@ from torch.nn.utils import parameters_to_vector
 from modelavg.comm.base import Communicator
 
 
+def share_flat_storage_(model: nn.Module) -> torch.Tensor:
+    """Make every parameter a view into one contiguous buffer and return it.
+
+    Averaging then reduces that buffer in place: no copy into a flat buffer and back each round.
+    Optimisers keep working, since they update the same Parameter objects in place.
+    """
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    model._flat_parameters = flat
+    return flat
+
+
 def flatten(model: nn.Module) -> torch.Tensor:
-    """All parameters of ``model`` in one contiguous buffer (one allreduce, not one per tensor)."""
+    """All parameters of ``model`` in one contiguous buffer (one allreduce, not one per tensor).
+
+    The model's own shared buffer when it has one (``share_flat_storage_``), else a new copy.
+    """
+    flat = getattr(model, "_flat_parameters", None)
+    first = next(model.parameters())
+    if flat is not None and first.data_ptr() == flat.data_ptr():
+        return flat
     return parameters_to_vector(model.parameters())
 
 
@@ -55,7 +78,8 @@ class Averager(ABC):
             flats = [flatten(m) for m in models]
             self._sync(flats)
             for flat, model in zip(flats, models, strict=True):
-                unflatten_(flat, model)
+                if flat is not getattr(model, "_flat_parameters", None):
+                    unflatten_(flat, model)
         self.syncs += 1
         self.bytes_reduced += flats[0].numel() * flats[0].element_size()
 
