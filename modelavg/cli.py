@@ -13,11 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modelavg.config import TrainConfig, config_fields, load_config
-from modelavg.errors import UsageError
-
-
-class WorkerLost(Exception):
-    """Another worker vanished mid-collective: one line, exit code ``launch.PEER_LOST``."""
+from modelavg.errors import UsageError, WorkerLost
 
 
 class Parser(argparse.ArgumentParser):
@@ -110,29 +106,11 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_training(cfg: TrainConfig, penv) -> dict:
-    import torch
-
     from modelavg import launch
     from modelavg.trainer import train
 
-    local = penv.local_world_size if penv and not cfg.in_process else 1
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local))
-    if penv and penv.rank != 0:
-        cfg.progress = False
-    comm = launch.connect(cfg, penv)
-    try:
+    with launch.joined(cfg, penv) as comm:
         result = train(cfg, comm)
-    except (torch.distributed.DistError, RuntimeError) as exc:
-        if comm.num_processes == 1:
-            raise
-        # a peer died (connection closed) or hung past --timeout: say so in one line and exit
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WorkerLost(
-            f"worker rank {comm.process_rank}: a collective failed, another worker "
-            f"died or hung past --timeout {cfg.timeout:g}s ({first[:200]})"
-        ) from None
-    finally:
-        comm.close()
     if comm.is_main:
         print(
             f"final: cv loss {result['cross_entropy']:.4f}, cv frame accuracy "

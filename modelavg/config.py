@@ -26,7 +26,27 @@ def opt(default: Any, help: str, choices: tuple | None = None, group: str = "tra
 
 
 @dataclass
-class TrainConfig:
+class ParallelOptions:
+    """How a job's workers are started and talk: shared by ``train`` and ``pretrain``."""
+
+    workers: int | None = opt(
+        None, "workers (default: from torchrun/mpirun/srun, else 1)", group="parallel"
+    )
+    in_process: bool = opt(
+        False, "run the workers as logical workers inside one process", group="parallel"
+    )
+    backend: str = opt("auto", "communication backend", ("auto", "gloo", "nccl", "mpi"), "parallel")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N", group="parallel")
+    threads: int | None = opt(
+        None, "torch threads per process (default: cores / local processes)", group="parallel"
+    )
+    timeout: float = opt(
+        300.0, "seconds a collective may wait for a missing worker", group="parallel"
+    )
+
+
+@dataclass
+class TrainConfig(ParallelOptions):
     # data
     data: str | None = opt(None, "training data directory (feats.scp, targets.scp)", group="data")
     cv: str | None = opt(
@@ -93,27 +113,13 @@ class TrainConfig:
         ("epoch", "never"),
         "ngsgd",
     )
-    # parallelism
-    workers: int | None = opt(
-        None, "workers (default: from torchrun/mpirun/srun, else 1)", group="parallel"
-    )
-    in_process: bool = opt(
-        False, "run the workers as logical workers inside one process", group="parallel"
-    )
+    # parallelism (workers, backend, device, threads, timeout: ParallelOptions)
     avg_every: int = opt(10, "average the replicas every K minibatches", group="parallel")
     averaging: str = opt("model", "averaging algorithm", ("model", "bmuf"), "parallel")
     block_momentum: float | None = opt(
         None, "bmuf: block momentum (default 1 - 1/N)", group="parallel"
     )
     block_lr: float = opt(1.0, "bmuf: block learning rate", group="parallel")
-    backend: str = opt("auto", "communication backend", ("auto", "gloo", "nccl", "mpi"), "parallel")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N", group="parallel")
-    threads: int | None = opt(
-        None, "torch threads per process (default: cores / local processes)", group="parallel"
-    )
-    timeout: float = opt(
-        300.0, "seconds a collective may wait for a missing worker", group="parallel"
-    )
     # run
     out: str | None = opt(None, "output directory", group="run")
     seed: int = opt(777, "random seed (initialisation and frame order)", group="run")

@@ -19,13 +19,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from modelavg.comm.base import Communicator
 from modelavg.comm.inprocess import InProcessCommunicator
-from modelavg.errors import UsageError
+from modelavg.errors import UsageError, WorkerLost
 
 PEER_LOST = 3  # exit code of a worker that stopped because another one died
 
@@ -146,6 +148,32 @@ def connect(cfg, penv: ProcessEnv | None) -> Communicator:
     from modelavg.comm.torchdist import TorchDistCommunicator
 
     return TorchDistCommunicator(penv.rank, penv.world_size, backend, device, cfg.timeout)
+
+
+@contextmanager
+def joined(cfg, penv: ProcessEnv | None) -> Iterator[Communicator]:
+    """Set threads, join the job (or host N in-process workers), and leave it afterwards.
+
+    A collective that fails because a peer died (connection closed) or hung past --timeout
+    becomes a one-line ``WorkerLost`` instead of a traceback.
+    """
+    local = penv.local_world_size if penv and not cfg.in_process else 1
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local))
+    if penv and penv.rank != 0:
+        cfg.progress = False
+    comm = connect(cfg, penv)
+    try:
+        yield comm
+    except (torch.distributed.DistError, RuntimeError) as exc:
+        if comm.num_processes == 1:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkerLost(
+            f"worker rank {comm.process_rank}: a collective failed, another worker died or hung "
+            f"past --timeout {cfg.timeout:g}s ({first[:200]})"
+        ) from None
+    finally:
+        comm.close()
 
 
 def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:

@@ -51,7 +51,7 @@ from modelavg.averaging import Averager, ModelAverager
 from modelavg.averaging.base import flatten, unflatten_
 from modelavg.checkpoint import atomic_write_bytes
 from modelavg.comm.base import Communicator
-from modelavg.config import opt
+from modelavg.config import ParallelOptions, opt
 from modelavg.data.frames import FrameTable, mean_std, moment_sums
 from modelavg.data.kaldi import Corpus, read_corpus
 from modelavg.data.shards import epoch_order, minibatches, partition, rounds_per_epoch
@@ -81,7 +81,7 @@ LR_SCALING_DEFAULT = "none"  # "linear" breaks the RBMs from N = 2 on (module do
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ParallelOptions):
     # data
     data: str | None = opt(
         None, "training data directory (feats.scp; targets are not needed)", group="data"
@@ -115,21 +115,7 @@ class PretrainConfig:
         True, "Kaldi's --with-bug=true: momentum 0.9 from the first minibatch", group="rbm"
     )
     # parallelism
-    workers: int | None = opt(
-        None, "workers (default: from torchrun/mpirun/srun, else 1)", group="parallel"
-    )
-    in_process: bool = opt(
-        False, "run the workers as logical workers inside one process", group="parallel"
-    )
     avg_every: int = opt(10, "average the RBM replicas every K minibatches", group="parallel")
-    backend: str = opt("auto", "communication backend", ("auto", "gloo", "nccl", "mpi"), "parallel")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N", group="parallel")
-    threads: int | None = opt(
-        None, "torch threads per process (default: cores / local processes)", group="parallel"
-    )
-    timeout: float = opt(
-        300.0, "seconds a collective may wait for a missing worker", group="parallel"
-    )
     # run
     out: str | None = opt(
         None, "output directory (dbn.pt, pretrain.jsonl, pretrain.png)", group="run"
@@ -675,15 +661,8 @@ def run_pretraining(cfg: PretrainConfig, penv: Any) -> Path:
     """Set threads, join the job (or host N in-process workers), pretrain, leave the job."""
     from modelavg import launch
 
-    local = penv.local_world_size if penv and not cfg.in_process else 1
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local))
-    if penv and penv.rank != 0:
-        cfg.progress = False
-    comm = launch.connect(cfg, penv)
-    try:
+    with launch.joined(cfg, penv) as comm:
         path = pretrain(cfg, comm)
-    finally:
-        comm.close()
     if comm.is_main:
         print(f"DBN of {cfg.hidden_layers} x {cfg.hidden_dim} RBMs: {path}", flush=True)
     return path
