@@ -140,23 +140,40 @@ def config_fields() -> list:
     return [f for f in fields(TrainConfig) if f.default is not MISSING]
 
 
+def read_options(path: str | os.PathLike | None, fields_: list) -> dict[str, Any]:
+    """The options in a YAML config file (underscore names), refusing unknown ones."""
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{path}: a config file must be a mapping of option: value")
+    known = {f.name for f in fields_}
+    for key in loaded:
+        if key not in known:
+            raise UsageError(f"{path}: unknown option {key!r}")
+    return loaded
+
+
+def check(cfg: Any, checks: list[tuple[bool, str]], fields_: list) -> Any:
+    """Raise the first failed check's message, then refuse values outside a field's choices."""
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    for f in fields_:
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            flag = "--" + f.name.replace("_", "-")
+            raise UsageError(f"{flag} {value}: choose from {', '.join(choices)}")
+    return cfg
+
+
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults, then the YAML file, then explicit overrides (the command line)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"{path}: a config file must be a mapping of option: value")
-        known = {f.name for f in config_fields()}
-        for key in loaded:
-            if key not in known:
-                raise UsageError(f"{path}: unknown option {key!r}")
-        values.update(loaded)
-    values.update(overrides)
-    return validate(TrainConfig(**values))
+    return validate(TrainConfig(**{**read_options(path, config_fields()), **overrides}))
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -179,13 +196,4 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.max_rollbacks >= 0, "--max-rollbacks must be >= 0"),
         (0 < cfg.rollback_lr_factor <= 1, "--rollback-lr-factor must be in (0, 1]"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    for f in config_fields():
-        choices = f.metadata.get("choices")
-        value = getattr(cfg, f.name)
-        if choices and value not in choices:
-            flag = "--" + f.name.replace("_", "-")
-            raise UsageError(f"{flag} {value}: choose from {', '.join(choices)}")
-    return cfg
+    return check(cfg, checks, config_fields())

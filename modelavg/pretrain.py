@@ -51,7 +51,7 @@ from modelavg.averaging import Averager, ModelAverager
 from modelavg.averaging.base import flatten, unflatten_
 from modelavg.checkpoint import atomic_write_bytes
 from modelavg.comm.base import Communicator
-from modelavg.config import ParallelOptions, opt
+from modelavg.config import ParallelOptions, check, opt, read_options
 from modelavg.data.frames import FrameTable, mean_std, moment_sums
 from modelavg.data.kaldi import Corpus, read_corpus
 from modelavg.data.shards import epoch_order, minibatches, partition, rounds_per_epoch
@@ -134,22 +134,8 @@ def load_pretrain_config(
     path: str | os.PathLike | None, overrides: dict[str, Any]
 ) -> PretrainConfig:
     """Defaults, then the YAML file (if any), then ``overrides`` (the command line); validated."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"{path}: a config file must be a mapping of option: value")
-        unknown = set(loaded) - {f.name for f in pretrain_config_fields()}
-        if unknown:
-            raise UsageError(f"{path}: unknown option {sorted(unknown)[0]!r}")
-        values.update(loaded)
-    values.update(overrides)
-    return validate(PretrainConfig(**values))
+    values = read_options(path, pretrain_config_fields())
+    return validate(PretrainConfig(**{**values, **overrides}))
 
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:
@@ -167,15 +153,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         (cfg.log_every >= 1, "--log-every must be >= 1"),
         (cfg.timeout > 0, "--timeout must be > 0"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    for f in pretrain_config_fields():
-        choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
-            flag = "--" + f.name.replace("_", "-")
-            raise UsageError(f"{flag} {getattr(cfg, f.name)}: choose from {', '.join(choices)}")
-    return cfg
+    return check(cfg, checks, pretrain_config_fields())
 
 
 def check_out_dir(cfg: PretrainConfig) -> None:

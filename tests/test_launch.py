@@ -67,6 +67,10 @@ def test_first_slurm_host():
     assert first_slurm_host("a[1,2]") == "a1"
 
 
+TRAIN = [sys.executable, "-m", "modelavg", "train"]
+TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     env = {
         k: v
@@ -91,10 +95,7 @@ def inprocess_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "inproc"
     r = run(
         [
-            sys.executable,
-            "-m",
-            "modelavg",
-            "train",
+            *TRAIN,
             "--data",
             str(data_dir),
             "--out",
@@ -113,10 +114,7 @@ def test_two_gloo_processes_equal_two_inprocess_workers(data_dir, tmp_path, inpr
     out = tmp_path / "spawn"
     r = run(
         [
-            sys.executable,
-            "-m",
-            "modelavg",
-            "train",
+            *TRAIN,
             "--data",
             str(data_dir),
             "--out",
@@ -135,12 +133,7 @@ def test_torchrun_joins_the_job(data_dir, tmp_path, inprocess_run):
     out = tmp_path / "torchrun"
     r = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN2,
             "-m",
             "modelavg",
             "train",
@@ -173,10 +166,7 @@ def test_mpirun_joins_the_job(data_dir, tmp_path, inprocess_run, backend):
             "--oversubscribe",
             "-np",
             "2",
-            sys.executable,
-            "-m",
-            "modelavg",
-            "train",
+            *TRAIN,
             "--data",
             str(data_dir),
             "--out",
@@ -193,12 +183,7 @@ def test_mpirun_joins_the_job(data_dir, tmp_path, inprocess_run, backend):
 def test_workers_must_match_launcher(data_dir, tmp_path):
     r = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN2,
             "-m",
             "modelavg",
             "train",
@@ -223,10 +208,7 @@ def test_torchrun_restart_resumes_to_the_same_model(data_dir, tmp_path):
     assert (
         run(
             [
-                sys.executable,
-                "-m",
-                "modelavg",
-                "train",
+                *TRAIN,
                 "--out",
                 str(ref),
                 "--in-process",
@@ -263,12 +245,7 @@ def kill_one_worker_under_torchrun(out: Path, args: list[str]) -> tuple[int, str
     }
     agent = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN2,
             "--max-restarts",
             "1",
             "-m",
