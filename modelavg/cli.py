@@ -178,6 +178,13 @@ def cmd_prepare_demo(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_prepare_unlabelled(args: argparse.Namespace, argv: list[str]) -> int:
+    from modelavg.data.unlabelled import prepare_unlabelled
+
+    prepare_unlabelled(args.out, tuple(args.langs), max_utts=args.max_utts)
+    return 0
+
+
 def cmd_prepare_fashion(args: argparse.Namespace, argv: list[str]) -> int:
     from modelavg.data.fashion import prepare_fashion
 
@@ -246,6 +253,16 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
     p.add_argument("--max-images", type=int, help="cap the number of images (for tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cv hold-out")
     handlers["prepare-fashion"] = cmd_prepare_fashion
+    p = sub.add_parser(
+        "prepare-unlabelled",
+        help="features only (no labels) from the Asterisk prompts in other languages, "
+        "for modelavg pretrain",
+    )
+    p.add_argument("--out", default="data/unlabelled", help="output data directory")
+    p.add_argument("--langs", nargs="+", default=["es", "fr", "it", "ru"], help="languages")
+    p.add_argument("--max-utts", type=int, help="cap the number of prompts (for tests)")
+    handlers["prepare-unlabelled"] = cmd_prepare_unlabelled
+
     from modelavg import sweep
 
     p = sub.add_parser("sweep", help="run a grid of training runs: results table, plots, speedup")
