@@ -71,7 +71,7 @@ def evaluate_data_dir(
     from pathlib import Path
 
     from modelavg import decode
-    from modelavg.data.kaldi import read_corpus
+    from modelavg.data.kaldi import read_corpus, read_labels
     from modelavg.errors import UsageError
 
     spec = model.spec
@@ -91,9 +91,9 @@ def evaluate_data_dir(
     if train_dir is None and class_map is None:
         return result
     result["chance_accuracy"] = decode.chance_accuracy(spec.num_classes)
-    train = read_corpus(train_dir) if train_dir else None
+    train = read_labels(train_dir) if train_dir else None
     if train is not None:
-        result["majority_accuracy"] = decode.majority_accuracy(train.targets, corpus.targets)
+        result["majority_accuracy"] = decode.majority_accuracy(train, corpus.targets)
     phones_scp = Path(data_dir) / "phones.scp"
     if class_map is None or train is None or not phones_scp.exists():
         return result
@@ -103,8 +103,12 @@ def evaluate_data_dir(
             f"{class_map}/classes.txt: {len(class_to_phone)} classes, the model has "
             f"{spec.num_classes} outputs"
         )
-    ref = read_corpus(data_dir, feats, str(phones_scp)).targets
-    train_phones = read_corpus(train_dir, targets=str(Path(train_dir) / "phones.scp")).targets
+    phones = read_labels(data_dir, str(phones_scp))
+    missing = [u for u in corpus.utts if u not in phones]
+    if missing:
+        raise UsageError(f"{phones_scp}: utterance {missing[0]} has features but no phones")
+    ref = {u: phones[u][: len(corpus.feats[u])] for u in corpus.utts}
+    train_phones = read_labels(train_dir, default_name="phones.scp")
     log_probs = utterance_log_probs(model, table, spec.context)
     correct = sum(
         int(

@@ -17,6 +17,11 @@ def train(*args: str) -> int:
     return main(["train", *SMALL, *args])
 
 
+def train_two(data: Path, out: Path, *args: str) -> int:
+    """Train with 2 in-process workers on ``data`` into ``out``."""
+    return train("--data", str(data), "--out", str(out), "--in-process", "--workers", "2", *args)
+
+
 def records(out: Path, kind: str) -> list[dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
@@ -26,14 +31,9 @@ def records(out: Path, kind: str) -> list[dict]:
 def run3(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run3"
     assert (
-        train(
-            "--data",
-            str(data_dir),
-            "--out",
-            str(out),
-            "--in-process",
-            "--workers",
-            "2",
+        train_two(
+            data_dir,
+            out,
             "--epochs",
             "3",
             "--log-every",
@@ -96,14 +96,9 @@ def test_resume_gives_the_identical_model(run3, tmp_path, checkpoint):
 def test_newbob_rejects_an_epoch_that_hurts(data_dir, tmp_path):
     out = tmp_path / "nb"
     assert (
-        train(
-            "--data",
-            str(data_dir),
-            "--out",
-            str(out),
-            "--in-process",
-            "--workers",
-            "2",
+        train_two(
+            data_dir,
+            out,
             "--schedule",
             "newbob",
             "--lr",

@@ -83,6 +83,16 @@ def _read_table(spec: str) -> Iterator[tuple[str, np.ndarray]]:
         raise UsageError(f"{where}: cannot read ({type(exc).__name__}: {exc})") from None
 
 
+def read_labels(
+    data_dir: str | os.PathLike, spec: str | None = None, default_name: str = TARGETS
+) -> dict[str, np.ndarray]:
+    """Only the per-frame int vectors of a data dir (targets, phones): no features are read."""
+    return {
+        utt: vec.astype(np.int64)
+        for utt, vec in _read_table(rspecifier(data_dir, spec, default_name))
+    }
+
+
 def read_corpus(
     data_dir: str | os.PathLike,
     feats: str | None = None,
