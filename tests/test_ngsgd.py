@@ -234,7 +234,7 @@ def _reference_linear_step(opt: NGSGD, model: nn.Sequential, x, y, lr: float, id
     ("n", "lr", "capped"), [(64, 0.2, False), (64, 500.0, True), (16, 0.05, False)]
 )
 def test_step_matches_dense_formula_and_max_change(n: int, lr: float, capped: bool) -> None:
-    """ΔW = -(lr/N)·m·(γ_out P_out)ᵀ(γ_in P_in); n = 16 < R_in + R_out takes the dense path.
+    """ΔW = -(lr/N)·m·(γ_out P_out)ᵀ(γ_in P_in), with fewer and with more rows than R_in + R_out.
 
     In float64 (the preconditioners follow the data's dtype) so rounding does not hide errors.
     """
@@ -267,6 +267,21 @@ def test_step_matches_dense_formula_and_max_change(n: int, lr: float, capped: bo
             assert change <= 0.075 * n * (1 + 1e-9)  # the bound caps ‖Δ[W b]‖_F
         else:
             assert m == 1.0
+
+
+def test_autograd_does_not_form_the_weight_gradients_ng_replaces() -> None:
+    """The NG product replaces Δᵀx̃, so backward skips it; requires_grad is back after forward."""
+    model = nn.Sequential(nn.Linear(12, 32), nn.Sigmoid(), nn.Linear(32, 5, bias=False))
+    opt = NGSGD(model, lr=0.1, rank_in=4, rank_out=4)
+    x, y = _data(32)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = F.cross_entropy(model(x), y)
+    assert all(p.requires_grad for p in model.parameters())
+    loss.backward()
+    assert model[0].weight.grad is None and model[2].weight.grad is None
+    assert model[0].bias.grad is not None  # keeps the first layer's graph alive (x needs none)
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
 
 
 def test_max_change_scales_the_step_exactly() -> None:

@@ -366,8 +366,12 @@ def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
     )
     rng = np.random.default_rng(0)
     for _ in range(4):
+        before = ckpt.latest(root)
         proc = subprocess.Popen([sys.executable, "-c", script, str(root)])
-        time.sleep(2.0 + rng.uniform(0, 1.5))
+        deadline = time.monotonic() + 120  # importing torch can take seconds on a loaded machine
+        while ckpt.latest(root) == before and time.monotonic() < deadline:
+            time.sleep(0.05)  # the writer is in its loop once it has committed a checkpoint
+        time.sleep(rng.uniform(0, 1.5))
         proc.kill()
         proc.wait()
         latest = ckpt.latest(root)

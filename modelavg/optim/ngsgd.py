@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -56,15 +56,12 @@ def _gamma(rr: Tensor, pp: Tensor) -> Tensor:
     return torch.where(pp > 0, (rr / pp.clamp_min(torch.finfo(pp.dtype).tiny)).sqrt(), 1.0)
 
 
-@dataclass
-class PreconditionParts:
-    """One call's results: P = β R G⁻¹ before γ (None unless asked for), H = R Wᵀ, γ, the W
-    that was used, and the squared row norms of P (what max-change needs)."""
+class PreconditionParts(NamedTuple):
+    """One call's results: P = β R G⁻¹ before γ, γ, and the squared row norms of P (what
+    max-change needs)."""
 
-    p: Tensor | None
-    h: Tensor
+    p: Tensor
     gamma: Tensor
-    w: Tensor
     p_row_sq: Tensor
 
 
@@ -187,39 +184,28 @@ class OnlineNaturalGradient:
         parts = self.precondition_parts(x)
         return parts.p, parts.gamma
 
-    def precondition_parts(self, x: Tensor, explicit: bool = True) -> PreconditionParts:
-        """The full result of one call; see the class docstring.
-
-        With ``explicit=False`` P (N×D) is not formed: its row norms come from
-        ‖p_i‖² = ‖r_i‖² - 2‖h_i‖² + h_i (W Wᵀ) h_iᵀ, which costs N·R² instead of N·R·D.
-        """
+    def precondition_parts(self, x: Tensor) -> PreconditionParts:
+        """(P, γ, row norms of P) from the current estimate; then the estimate is updated."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected an N x {self.dim} matrix, got shape {tuple(x.shape)}")
         r = x.detach().to(_work_dtype(x.dtype))
-        r_row_sq = torch.linalg.vector_norm(r, dim=1).square()
         if r.shape[0] == 0 or self.rank == 0:
             self._t += int(r.shape[0] > 0)
-            h, w = r.new_zeros(r.shape[0], self.rank), r.new_zeros(self.rank, self.dim)
-            return PreconditionParts(r, h, r.new_ones(()), w, r_row_sq)
+            return PreconditionParts(r, r.new_ones(()), torch.linalg.vector_norm(r, dim=1) ** 2)
         if self._w is None:
             self._initialize(r)
         if self._w.device != r.device or self._w.dtype != r.dtype:  # e.g. after load_state_dict
             self._w = self._w.to(device=r.device, dtype=r.dtype)
         w = self._w
         h = r @ w.T  # H = R Wᵀ  (N×R)
-        if explicit:
-            p = torch.addmm(r, h, w, alpha=-1.0)  # P = R - H W = β R G⁻¹
-            p_row_sq = torch.linalg.vector_norm(p, dim=1).square()
-        else:
-            p = None
-            hm = torch.addmm(h, h, w @ w.T, alpha=1.0, beta=-2.0)  # H WWᵀ - 2H
-            p_row_sq = (r_row_sq + (h * hm).sum(dim=1)).clamp_min(0.0)
-        rr = r_row_sq.sum()
+        p = torch.addmm(r, h, w, alpha=-1.0)  # P = R - H W = β R G⁻¹
+        p_row_sq = torch.linalg.vector_norm(p, dim=1).square()
+        rr = torch.linalg.vector_norm(r).square()
         gamma = _gamma(rr, p_row_sq.sum())
         if self._should_update():
             self._update(r, h, w, float(rr))
         self._t += 1
-        return PreconditionParts(p, h, gamma, w, p_row_sq)
+        return PreconditionParts(p, gamma, p_row_sq)
 
     def _should_update(self) -> bool:
         """Call 0 initialised the estimate; then calls 1..9, then every update_period-th call."""
@@ -356,7 +342,8 @@ class _Layer:
     pre_in: OnlineNaturalGradient
     pre_out: OnlineNaturalGradient
     capture: _Capture | None = None
-    handle: Any = None
+    handles: list[Any] = field(default_factory=list)
+    weight_grad_off: bool = False  # autograd was told not to form weight.grad for this forward
     last_scale: Tensor | None = field(default=None, repr=False)
 
 
@@ -374,20 +361,31 @@ class NGSGD(torch.optim.Optimizer):
     on ‖ΔW‖_F).  ``lr`` is the learning rate of ``torch.optim.SGD`` on the mean loss (see the
     module docstring; ``reduction="sum"`` drops the 1/N for a summed loss).
 
-    Since G⁻¹ is symmetric, P_outᵀ P_in = (Δ - H_o W_o)ᵀ (x̃ - H_i W_i) equals
-    A - W_oᵀ(H_oᵀ P_in) - (Δᵀ H_i) W_i with A = Δᵀx̃, the gradient autograd already computed in
-    ``weight.grad``/``bias.grad``; this rank-(R_in+R_out) correction costs (R_in+R_out)·O·(I+1)
-    instead of N·O·(I+1), so it is used whenever N > R_in + R_out.  That needs ``.grad`` to be
-    exactly the data term Δᵀx̃ (no L2 or other terms added to ``.grad`` directly).
-
     Activations are captured by a forward hook (input) and a tensor hook on the output (dL/dy);
     unlike a full backward hook this keeps in-place activations after the layer legal.  One
     forward and one backward per ``step()``; gradient accumulation raises.
 
+    Cost: P_outᵀ P_in is a matrix product of exactly the shape of the weight gradient Δᵀx̃, and
+    it replaces it.  So while a layer is trained by NG the forward pre-hook has autograd skip
+    ``weight.grad`` (``requires_grad`` is off only while the layer's forward records the graph,
+    and only when the output still needs a gradient through the input or the bias).  The extra
+    work per layer is then forming P_in and P_out, about 2·N·(R_in·(I+1) + R_out·O) multiply-adds
+    against the 3·N·O·(I+1) of forward and backward.  ``weight.grad`` of such layers stays
+    ``None``: gradient clipping or L2 terms added to ``.grad`` do not reach NG layers.
+
     ``momentum`` (0 in Kaldi's NG component and in the paper) follows torch.optim.SGD:
     buf = μ·buf + d, p -= lr·buf, with d the gradient, or for a Linear layer the scaled
     natural-gradient direction m·γ_in·γ_out·P_outᵀP_in/N.  ``precondition=False`` keeps only
-    max-change; with ``max_change=0`` as well the update is exactly torch.optim.SGD's.
+    max-change; with ``max_change=0`` as well the update is exactly torch.optim.SGD's (autograd's
+    gradients, no hooks needed).
+
+    Example::
+
+        opt = NGSGD(model, lr=0.5)          # Kaldi defaults: ranks 20/80, max-change 0.075
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     """
 
     def __init__(
@@ -431,19 +429,46 @@ class NGSGD(torch.optim.Optimizer):
                     OnlineNaturalGradient(dim_in, rank_in, **config),
                     OnlineNaturalGradient(module.out_features, rank_out, **config),
                 )
-                hook = self._make_forward_hook(layer)
-                layer.handle = module.register_forward_hook(hook, with_kwargs=True)
+                if self._uses_captures:
+                    layer.handles = [
+                        module.register_forward_pre_hook(
+                            self._make_pre_hook(layer), with_kwargs=True
+                        ),
+                        module.register_forward_hook(
+                            self._make_forward_hook(layer), with_kwargs=True
+                        ),
+                    ]
                 self._layers.append(layer)
         self._by_weight = {id(layer.module.weight): layer for layer in self._layers}
         self._biases = {
             id(layer.module.bias) for layer in self._layers if layer.module.bias is not None
         }
 
+    @property
+    def _uses_captures(self) -> bool:
+        """False only for plain SGD (no preconditioning, no max-change): autograd's grads do."""
+        return self.precondition or self.max_change > 0
+
     # ----------------------------------------------------------------------------- hooks
+    @staticmethod
+    def _make_pre_hook(layer: _Layer):
+        def hook(module: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> None:
+            weight, bias = module.weight, module.bias
+            x = args[0] if args else kwargs["input"]
+            keeps_graph = x.requires_grad or (bias is not None and bias.requires_grad)
+            if torch.is_grad_enabled() and weight.requires_grad and keeps_graph:
+                weight.requires_grad_(False)  # NG forms the weight step from P_out, P_in
+                layer.weight_grad_off = True
+
+        return hook
+
     def _make_forward_hook(self, layer: _Layer):
         def hook(
             module: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any], output: Tensor
         ) -> Tensor | None:
+            if layer.weight_grad_off:
+                module.weight.requires_grad_(True)
+                layer.weight_grad_off = False
             if not (torch.is_grad_enabled() and output.requires_grad):
                 return None  # evaluation, or a frozen sub-graph: nothing to train
             if layer.capture is not None and layer.capture.grad is not None:
@@ -478,9 +503,9 @@ class NGSGD(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach from the model; later steps would then raise for lack of captures."""
         for layer in self._layers:
-            if layer.handle is not None:
-                layer.handle.remove()
-                layer.handle = None
+            for handle in layer.handles:
+                handle.remove()
+            layer.handles = []
             layer.capture = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -542,13 +567,11 @@ class NGSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
-                if p.grad is None or id(p) in self._biases:
-                    continue
                 layer = self._by_weight.get(id(p))
-                if layer is None:
-                    self._sgd(p, p.grad, lr, momentum)
-                else:
+                if layer is not None:
                     self._linear_step(layer, lr, momentum)
+                elif p.grad is not None and id(p) not in self._biases:
+                    self._sgd(p, p.grad, lr, momentum)
         for layer in self._layers:
             layer.capture = None
         return loss
@@ -565,47 +588,52 @@ class NGSGD(torch.optim.Optimizer):
         p.add_(direction, alpha=-lr)
 
     def _linear_step(self, layer: _Layer, lr: float, momentum: float) -> None:
+        """One layer's NG (or max-change-only) step; a layer the backward did not reach is left."""
         weight, bias = layer.module.weight, layer.module.bias
-        has_bias = bias is not None and bias.grad is not None
-        if not self.precondition and self.max_change <= 0:
-            self._sgd(weight, weight.grad, lr, momentum)  # exactly torch.optim.SGD
-            if has_bias:
+        capture = layer.capture
+        if not self._uses_captures:
+            if weight.grad is not None:
+                self._sgd(weight, weight.grad, lr, momentum)  # exactly torch.optim.SGD
+            if bias is not None and bias.grad is not None:
                 self._sgd(bias, bias.grad, lr, momentum)
             return
-        capture = layer.capture
         if capture is None or capture.grad is None:
-            raise RuntimeError(
-                f"NGSGD: layer {layer.name!r} has a gradient but no captured forward/backward "
-                "(hooks removed, forward under no_grad, or the module's forward() bypassed, as "
-                "in nn.MultiheadAttention.out_proj)"
-            )
+            if weight.grad is not None:
+                raise RuntimeError(
+                    f"NGSGD: layer {layer.name!r} has a gradient but no captured forward/backward "
+                    "(hooks removed, forward under no_grad, or the module's forward() bypassed, "
+                    "as in nn.MultiheadAttention.out_proj)"
+                )
+            return
         dtype = _work_dtype(weight.dtype)
         x = capture.x.reshape(-1, layer.module.in_features).to(dtype)
         n = x.shape[0]
         per_frame = float(n) if self.reduction == "mean" else 1.0
         delta = capture.grad.reshape(-1, layer.module.out_features).to(dtype) * per_frame
-        if layer.module.bias is not None:
+        if bias is not None:
             x = torch.cat([x, x.new_ones(n, 1)], dim=1)  # x̃ = [x, 1]
         if self.precondition:
-            dense = n <= layer.pre_in.rank + layer.pre_out.rank  # see _NGStep
-            pin = layer.pre_in.precondition_parts(x)
-            pout = layer.pre_out.precondition_parts(delta, explicit=dense)
-            in_sq, out_sq, s = pin.p_row_sq, pout.p_row_sq, pin.gamma * pout.gamma
+            p_in, g_in, in_sq = layer.pre_in.precondition_parts(x)
+            p_out, g_out, out_sq = layer.pre_out.precondition_parts(delta)
+            s = g_in * g_out
         else:
-            pin = pout = None
+            p_in, p_out, s = x, delta, x.new_ones(())
             in_sq = torch.linalg.vector_norm(x, dim=1).square()
             out_sq = torch.linalg.vector_norm(delta, dim=1).square()
-            s = x.new_ones(())
         layer.last_scale = self._max_change_scale(in_sq, out_sq, s, lr / per_frame, n)
-        scale = s * layer.last_scale
-        step = _NGStep.build(weight, bias if has_bias else None, delta, pin, pout, 1.0 / per_frame)
+        # direction = k·P_outᵀ P_in (weight.grad units), k = 1/N for a mean loss
+        coef = s * layer.last_scale / per_frame
+        i = layer.module.in_features
         if momentum:
-            d_w, d_b = step.materialize()
-            self._sgd(weight, d_w * scale, lr, momentum)
-            if d_b is not None:
-                self._sgd(bias, d_b * scale, lr, momentum)
-        else:
-            step.apply_(weight, bias, -lr * scale)
+            direction = (p_out * coef.to(p_out)).T @ p_in
+            self._sgd(weight, direction[:, :i].to(weight.dtype), lr, momentum)
+            if bias is not None:
+                self._sgd(bias, direction[:, i].to(bias.dtype), lr, momentum)
+        else:  # weight += (-lr·coef·P_out)ᵀ P_in in one fused product
+            scaled = (p_out * (-lr * coef).to(p_out)).T
+            weight.addmm_(scaled.to(weight.dtype), p_in[:, :i].to(weight.dtype))
+            if bias is not None:
+                bias.addmv_(scaled.to(bias.dtype), p_in[:, i].to(bias.dtype))
 
     def _max_change_scale(
         self, in_sq: Tensor, out_sq: Tensor, s: Tensor, lr_frame: float, n: int
@@ -620,76 +648,3 @@ class NGSGD(torch.optim.Optimizer):
         bound = lr_frame * s * (in_sq * out_sq).sqrt().sum()
         limit = self.max_change * n
         return torch.where(bound > limit, limit / bound.clamp_min(limit), one)
-
-
-@dataclass
-class _NGStep:
-    """The direction k·P_outᵀ P_in (``weight.grad`` units; k = 1/N for a mean loss, Δ per frame).
-
-    Either ``dense`` (O×(I+1)), or the low-rank form  A - k·leftᵀᵀ @ right  with A the autograd
-    gradient, leftᵀ = [W_o; H_iᵀ Δ] ((R_o+R_i)×O) and right = [H_oᵀ P_in; W_i], which costs
-    (R_o+R_i)·O·(I+1) instead of N·O·(I+1) and is chosen when N > R_o + R_i.  Without
-    preconditioning the direction is just A.
-    """
-
-    grad_w: Tensor
-    grad_b: Tensor | None
-    k: float = 1.0
-    dense: Tensor | None = None
-    left_t: Tensor | None = None
-    right: Tensor | None = None
-
-    @classmethod
-    def build(
-        cls,
-        weight: Tensor,
-        bias: Tensor | None,
-        delta: Tensor,
-        pin: PreconditionParts | None,
-        pout: PreconditionParts | None,
-        k: float,
-    ) -> _NGStep:
-        step = cls(weight.grad, None if bias is None else bias.grad, k)
-        if pin is None or pout is None:
-            return step
-        if pout.p is not None and delta.shape[0] <= pin.w.shape[0] + pout.w.shape[0]:
-            step.dense = (pout.p * k).T @ pin.p
-        else:  # row blocks of contiguous matrices: cheap concatenations
-            step.left_t = torch.cat([pout.w, pin.h.T @ delta], dim=0)
-            step.right = torch.cat([pout.h.T @ pin.p, pin.w], dim=0)
-        return step
-
-    def _split(self, m: Tensor, n_in: int) -> tuple[Tensor, Tensor | None]:
-        return m[:, :n_in], (m[:, n_in] if self.grad_b is not None else None)
-
-    def _parts(self, n_in: int, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
-        """(A_w, A_b, left, right_w, right_b) of the low-rank form, or dense/plain as A."""
-        if self.dense is not None:
-            return (*self._split(self.dense.to(dtype), n_in), None, None, None)
-        if self.left_t is None:
-            return self.grad_w, self.grad_b, None, None, None
-        r_w, r_b = self._split(self.right.to(dtype), n_in)
-        return self.grad_w, self.grad_b, self.left_t.to(dtype).T, r_w, r_b
-
-    def materialize(self) -> tuple[Tensor, Tensor | None]:
-        """(weight direction, bias direction) as new tensors."""
-        a_w, a_b, left, r_w, r_b = self._parts(self.grad_w.shape[1], self.grad_w.dtype)
-        if left is None:
-            return a_w.clone(), None if a_b is None else a_b.clone()
-        d_w = torch.addmm(a_w, left, r_w, alpha=-self.k)
-        d_b = None if a_b is None else torch.addmv(a_b, left, r_b, alpha=-self.k)
-        return d_w, d_b
-
-    def apply_(self, weight: Tensor, bias: Tensor | None, coef: Tensor) -> None:
-        """weight += coef·direction (bias likewise) in place, without forming the direction."""
-        a_w, a_b, left, r_w, r_b = self._parts(weight.shape[1], weight.dtype)
-        coef = coef.to(weight.dtype)
-        weight.addcmul_(a_w, coef)
-        if a_b is not None:
-            bias.addcmul_(a_b, coef)
-        if left is None:
-            return
-        left = left * (-self.k * coef)  # the low-rank part enters with a minus sign
-        weight.addmm_(left, r_w)
-        if a_b is not None:
-            bias.addmv_(left, r_b)
