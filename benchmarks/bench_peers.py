@@ -13,8 +13,8 @@ the same initial model, with the same shards and frame order (modelavg's own dat
 Every run processes the same frames per worker (``--frames``, one epoch), so CV frame accuracy and
 cross-entropy are compared after an equal number of frames. Throughput is frames / the training
 loop's wall time on rank 0: start-up and validation are excluded, every per-step cost (modelavg's
-divergence guard included) is counted. For modelavg that is the span between its epoch-0 and
-epoch-1 metrics records less one validation (the span between its start and epoch-0 records).
+divergence guard included) is counted. For modelavg that is the ``train_s`` of its epoch record:
+the wall time of the epoch's round loop.
 Communication share: the averaging calls' time over the loop time on rank 0, which includes
 waiting for the slower worker; for DDP, whose allreduce overlaps the backward pass, the exposed
 part, 1 - (PMA's compute seconds per step) / (DDP's seconds per step) in the same repeat.
@@ -197,9 +197,8 @@ def run_modelavg(k: int, train: Path, cv: Path, out: Path, lr: float) -> dict:
         raise RuntimeError(f"modelavg K={k} failed:\n{done.stderr[-2000:]}")
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     start = next(x for x in lines if x["kind"] == "start")
-    e0 = next(x for x in lines if x["kind"] == "epoch" and x["epoch"] == 0)
     e1 = next(x for x in lines if x["kind"] == "epoch" and x["epoch"] == 1)
-    loop = (e1["time"] - e0["time"]) - (e0["time"] - start["time"])  # less one validation
+    loop = e1["train_s"]  # the epoch's round loop: steps, averaging, divergence checks
     return {
         "fps": start["rounds_per_epoch"] * k * MINIBATCH * WORKERS / loop,
         "comm_share": e1["averaging_s"] / loop,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modelavg.averaging.base import unflatten_
+from modelavg.averaging.base import flatten, unflatten_
 from modelavg.errors import UsageError
 
 
@@ -41,17 +41,17 @@ class DivergenceGuard:
 
     @torch.no_grad()
     def remember(self, models: list[nn.Module]) -> None:
-        params = [p.reshape(-1) for p in models[0].parameters()]
-        if self.good is None or self.good.numel() != sum(p.numel() for p in params):
-            self.good = torch.cat(params)
+        flat = flatten(models[0])  # the replica's own flat buffer when it has one: no copy
+        if self.good is None or self.good.shape != flat.shape:
+            self.good = flat.clone()
         else:
-            torch.cat(params, out=self.good)  # reuse the buffer: no model-sized allocation
+            self.good.copy_(flat)  # reuse the buffer: no model-sized allocation
         self.just_rolled_back = False
 
     @torch.no_grad()
     def healthy(self, models: list[nn.Module]) -> bool:
         # a sum is NaN/Inf iff an element is (or it overflows float32: worth a rollback too)
-        return bool(torch.isfinite(torch.stack([p.sum() for p in models[0].parameters()])).all())
+        return bool(torch.isfinite(flatten(models[0]).sum()))
 
     @torch.no_grad()
     def roll_back(

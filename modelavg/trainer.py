@@ -171,6 +171,7 @@ def check_divergence(run: Run, round_: int) -> None:
 def end_epoch(run: Run) -> bool:
     """Validate, let the schedule accept or reject the epoch, log, checkpoint. True: stop."""
     cfg, comm = run.cfg, run.comm
+    times = run.timer.totals()  # the epoch's training, before validation
     cv = validate(run)
     run.schedule, accepted, stop = run.schedule.after_epoch(cv["cross_entropy"])
     if accepted:
@@ -190,10 +191,10 @@ def end_epoch(run: Run) -> bool:
             "lr_next": run.schedule.lr,
             "leftover_frames": int(leftover),
             **prefixed("cv", cv),
-            **run.timer.totals(),
+            **times,
         }
     )
-    report_epoch(comm, run.epoch, cv, accepted, run.timer)
+    report_epoch(comm, run.epoch, cv, accepted, times)
     run.epoch, run.round = run.epoch + 1, 0
     save_checkpoint(run, 0)
     return stop
@@ -360,6 +361,7 @@ class Timer:
     def reset(self) -> None:
         self.seconds = {"compute": 0.0, "averaging": 0.0}
         self._phase = ""
+        self._started = time.perf_counter()
 
     def __call__(self, phase: str) -> Timer:
         self._phase = phase
@@ -379,6 +381,8 @@ class Timer:
             "compute_s": self.seconds["compute"],
             "averaging_s": self.seconds["averaging"],
             "averaging_share": self.seconds["averaging"] / total if total else 0.0,
+            # wall time since reset: compute, averaging and everything between (guard, logs)
+            "train_s": time.perf_counter() - self._started,
         }
 
 
@@ -444,9 +448,8 @@ def progress_bar(cfg, comm, epoch, rounds, start_round) -> tqdm:
     )
 
 
-def report_epoch(comm, epoch, cv, accepted, timer) -> None:
+def report_epoch(comm, epoch, cv, accepted, t: dict) -> None:
     if comm.is_main:
-        t = timer.totals()
         print(
             f"epoch {epoch}: cv loss {cv['cross_entropy']:.4f} "
             f"acc {100 * cv['frame_accuracy']:.2f}%"
