@@ -346,6 +346,7 @@ def cell_result(cell_dir: Path) -> dict[str, Any]:
         "epochs_run": len(epochs),
         "frames_per_worker": len(epochs) * per_epoch,
         "frames_per_worker_epoch": per_epoch,
+        "rounds_per_epoch": start["rounds_per_epoch"],
         "wall_s": wall,
         "train_s": compute + averaging,
         "averaging_share": averaging / (compute + averaging) if compute + averaging else 0.0,
@@ -453,6 +454,7 @@ RESULT_COLUMNS = (
     "epochs_run",
     "frames_per_worker",
     "frames_per_worker_epoch",
+    "rounds_per_epoch",
     "wall_s",
     "train_s",
     "averaging_share",
@@ -522,10 +524,39 @@ def results_markdown(grid: Grid, rows: list[dict], plots: list[Path], speedup: s
             cells += [r.get("error", "")[:80].replace("|", "/"), "", "", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "CV accuracy per epoch (epoch 0 = initial model) is in results.csv.", ""]
+    if "workers" in varying and len(varying) > 1:
+        lines += [*pivot_by_workers(grid, rows), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     if speedup:
         lines += ["", speedup]
     return "\n".join(lines) + "\n"
+
+
+def pivot_by_workers(grid: Grid, rows: list[dict]) -> list[str]:
+    """The paper's table shape: one row per N, one column per setting of the other options;
+    each entry the final CV accuracy and, in brackets, the averaging rounds per epoch (the
+    regime: the paper had hundreds), or why the cell has no result."""
+    others = grid.others("workers")
+    columns = list(grouped(rows, others))
+    by_cell = {(int(r["workers"]), group_key(r, others)): r for r in rows}
+    lines = [
+        "CV frame accuracy (%) by N; [averaging rounds per epoch]:",
+        "",
+        "| N | " + " | ".join(label(c) for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for n in sorted({int(r["workers"]) for r in rows}):
+        entries = []
+        for c in columns:
+            r = by_cell.get((n, c))
+            if r is None:
+                entries.append("")
+            elif r["status"] == "done":
+                entries.append(f"{100 * r['cv_frame_accuracy']:.2f} [{r['rounds_per_epoch']}]")
+            else:
+                entries.append(r["status"])
+        lines.append(f"| {n} | " + " | ".join(entries) + " |")
+    return lines
 
 
 def group_key(row: dict, names: Sequence[str]) -> tuple:

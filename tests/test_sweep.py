@@ -92,6 +92,15 @@ def test_reports_and_plots(sweep):
     _, out, _, _ = sweep
     md = (out / "results.md").read_text()
     assert "| workers | avg_every | status" in md and md.count("| done |") == 4
+    pivot = md[md.index("CV frame accuracy (%) by N") :].splitlines()
+    assert pivot[2] == "| N | avg_every=1 | avg_every=2 |"
+    rows = {int(r["workers"]): r for r in sweep[2] if r["avg_every"] == 2}
+    one = rows[1]
+    assert pivot[4].startswith(
+        f"| 1 | {100 * sweep[2][0]['cv_frame_accuracy']:.2f} [{sweep[2][0]['rounds_per_epoch']}] "
+        f"| {100 * one['cv_frame_accuracy']:.2f} [{one['rounds_per_epoch']}] |"
+    )
+    assert rows[2]["rounds_per_epoch"] < one["rounds_per_epoch"]  # half the data per worker
     for name in [*PNGS, "speedup.md"]:
         assert (out / name).stat().st_size > 0, name
     speedup = (out / "speedup.md").read_text()
