@@ -20,7 +20,7 @@ varies two options together); ``time_model`` and ``accuracy_drop`` configure the
       workers: [1, 2, 4, 8]
       avg_every: [1, 10]
       optimizer+lr: [[sgd, 0.1], [ngsgd, 0.05]]
-    time_model: {step_seconds: measured, link: paper}
+    time_model: [paper, paper-hardware]   # or measured, or {step_seconds: measured, ...}
 
 Example::
 
@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ class Grid:
     path: Path
     fixed: dict[str, Any]
     axes: list[tuple[tuple[str, ...], list[tuple]]]  # option names, one value tuple per point
-    time_model: TimeModelSpec | None = None
+    time_models: list[TimeModelSpec] = field(default_factory=lambda: [TimeModelSpec()])
     accuracy_drop: float = PAPER_DROP
     cells: list[Cell] = field(default_factory=list)
 
@@ -128,8 +128,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
     drop = raw.get("accuracy_drop", PAPER_DROP)
     if not isinstance(drop, int | float) or not 0 <= drop < 1:
         raise UsageError(f"{path}: accuracy_drop must be a number in [0, 1), e.g. 0.005")
-    spec = time_model_spec(raw.get("time_model"), path)
-    grid = Grid(path, fixed, axes, spec, float(drop))
+    specs = time_model_specs(raw.get("time_model"), path)
+    grid = Grid(path, fixed, axes, specs, float(drop))
     grid.cells = make_cells(grid)
     return grid
 
@@ -664,7 +664,8 @@ def speedup_to_accuracy(
     ``seconds(N, frames)`` and speedup T1/TN, efficiency speedup/N (None where not reached)."""
     target = reference_accuracy - drop
     reach = {n: frames_to_reach(*curves[n], target) for n in sorted(curves)}
-    t1 = seconds(1, reach[1]) if reach.get(1) is not None else None
+    f1 = reach.get(1)
+    t1 = seconds(1, f1) if f1 is not None else None
     rows = []
     for n, f in reach.items():
         t = seconds(n, f) if f is not None else None
@@ -674,6 +675,8 @@ def speedup_to_accuracy(
                 "workers": n,
                 "target": target,
                 "frames_to_target": f,
+                # 1 when N workers need 1/N of the frames each: what the data costs, not the time
+                "sample_efficiency": f1 / (n * f) if f1 is not None and f else None,
                 "time_s": t,
                 "speedup": sp,
                 "efficiency": sp / n if sp is not None else None,
@@ -688,34 +691,55 @@ class TimeModelSpec:
 
     step_seconds: float | str = "measured"  # per minibatch: measured | paper | seconds
     model_bytes: float | str = "model"  # model | paper | bytes
-    link: dict | str = "paper"  # paper (fitted to the paper's MPI times) | {latency_s, ...}
+    link: dict | str = "paper"  # paper | paper-ring | {latency_s, bandwidth_Bps, ...}
     parallel_overhead: float | str = 0.0  # o, for N > 1: a number or paper
     parallel_fixed_s: float | str = 0.0  # s per epoch of this run, or paper (prorated)
+    name: str = "measured"
 
 
 TIME_MODEL_WORDS = {
     "step_seconds": ("measured", "paper"),
     "model_bytes": ("model", "paper"),
-    "link": ("paper",),
+    "link": ("paper", "paper-ring"),
     "parallel_overhead": ("paper",),
     "parallel_fixed_s": ("paper",),
 }
+# Named models.  paper: the paper's K20 cluster as it measured (its step, model size, host-staged
+# link and its N > 1 overheads).  paper-hardware: the same GPUs and link fit, but a ring allreduce
+# without host staging (NCCL or CUDA-aware MPI on one flat buffer) and without the paper's
+# unexplained 26% per-frame and ~3 min per-epoch overheads - an assumption, not a measurement.
+TIME_MODEL_PRESETS = {
+    "measured": TimeModelSpec(),
+    "paper": TimeModelSpec("paper", "paper", "paper", "paper", "paper", "paper"),
+    "paper-hardware": TimeModelSpec("paper", "paper", "paper-ring", 0.0, 0.0, "paper-hardware"),
+}
 
 
-def time_model_spec(raw: Any, where: Path) -> TimeModelSpec:
-    """``time_model: paper`` = the paper's K20 step, model size, link and overheads.
+def time_model_specs(raw: Any, where: Path) -> list[TimeModelSpec]:
+    """``time_model:`` a preset name, a mapping (its own ``name`` optional), or a list of them:
+    speedup.md then has one table per model.  Checked when the grid is read, so a typo does not
+    surface only after every cell has run."""
+    items = raw if isinstance(raw, list) else [raw]
+    specs = [_time_model_spec(item, where, i) for i, item in enumerate(items)]
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"{where}: time_model: names must differ, got {names}")
+    return specs
 
-    Checked when the grid is read, so a typo does not surface only after every cell has run.
-    """
-    if raw is None or raw == "measured":
-        return TimeModelSpec()
-    if raw == "paper":
-        return TimeModelSpec("paper", "paper", "paper", "paper", "paper")
+
+def _time_model_spec(raw: Any, where: Path, index: int) -> TimeModelSpec:
+    if raw is None:
+        return TIME_MODEL_PRESETS["measured"]
+    if isinstance(raw, str) and raw in TIME_MODEL_PRESETS:
+        return TIME_MODEL_PRESETS[raw]
     if not isinstance(raw, dict):
-        raise UsageError(f"{where}: time_model must be measured, paper or a mapping")
+        presets = ", ".join(TIME_MODEL_PRESETS)
+        raise UsageError(f"{where}: time_model must be {presets}, a mapping or a list of them")
     for key, value in raw.items():
+        if key == "name":
+            continue
         if key not in TIME_MODEL_WORDS:
-            known = ", ".join(TIME_MODEL_WORDS)
+            known = ", ".join(["name", *TIME_MODEL_WORDS])
             raise UsageError(f"{where}: time_model: unknown key {key!r} ({known})")
         if key == "link" and isinstance(value, dict):
             link_from(value, where)
@@ -724,7 +748,7 @@ def time_model_spec(raw: Any, where: Path) -> TimeModelSpec:
         ):
             words = " | ".join(TIME_MODEL_WORDS[key])
             raise UsageError(f"{where}: time_model: {key}: {value!r} is not {words} or a number")
-    return TimeModelSpec(**raw)
+    return TimeModelSpec(**{"name": f"model {index + 1}", **raw})
 
 
 def seconds_function(spec: TimeModelSpec, group: list[dict], where: Path):
@@ -745,7 +769,13 @@ def seconds_function(spec: TimeModelSpec, group: list[dict], where: Path):
     )
     measured = statistics.median(steps) if steps else math.nan
     step = pick(spec.step_seconds, {"measured": measured, "paper": paper_step})
-    link = cal.link_fit.link if spec.link == "paper" else link_from(spec.link, where)
+    fitted = cal.link_fit.link
+    if spec.link == "paper":
+        link = fitted
+    elif spec.link == "paper-ring":  # the fitted latency and bandwidth, no host staging
+        link = replace(fitted, host_bandwidth_Bps=None)
+    else:
+        link = link_from(spec.link, where)
     overhead = pick(spec.parallel_overhead, {"paper": cal.compute.parallel_overhead})
     per_epoch = ref["frames_per_worker_epoch"]
 
@@ -797,21 +827,24 @@ def paper_speedups() -> dict[int, tuple[float, float]]:
 
 
 def write_speedup(grid: Grid, out: Path, rows: list[dict]) -> str:
-    """speedup.md and speedup.png: one table per setting of the options other than N."""
-    spec = grid.time_model or TimeModelSpec()
+    """speedup.md and speedup.png: one table per time model and setting of the options other
+    than N."""
     others = grid.others("workers")
     done = [r for r in rows if r["status"] == "done"]
     tables, series = [], []
-    for key, group in grouped(done, others).items():
-        curves = {int(r["workers"]): r["curve"] for r in group}
-        if 1 not in curves:
-            continue
-        seconds, used = seconds_function(spec, group, grid.path)
-        ref = next(r for r in group if int(r["workers"]) == 1)
-        result = speedup_to_accuracy(curves, ref["cv_frame_accuracy"], seconds, grid.accuracy_drop)
-        tables.append(speedup_table(label(key), result, used))
-        series.append((label(key), result))
-    text = speedup_markdown(grid, spec, tables)
+    for spec in grid.time_models:
+        for key, group in grouped(done, others).items():
+            curves = {int(r["workers"]): r["curve"] for r in group}
+            if 1 not in curves:
+                continue
+            seconds, used = seconds_function(spec, group, grid.path)
+            ref = next(r for r in group if int(r["workers"]) == 1)
+            acc = ref["cv_frame_accuracy"]
+            result = speedup_to_accuracy(curves, acc, seconds, grid.accuracy_drop)
+            title = f"{label(key)} (time model: {spec.name})"
+            tables.append(speedup_table(title, result, used))
+            series.append((title if len(grid.time_models) > 1 else label(key), result))
+    text = speedup_markdown(grid, tables)
     (out / "speedup.md").write_text(text)
     plot_speedup(series, out / "speedup.png")
     return text
@@ -837,31 +870,37 @@ def speedup_table(title: str, result: list[dict], used: dict) -> str:
         )
         + f", parallel overhead {used['overhead']:.3g}.",
         "",
-        "| N | frames/worker to target | modelled time (s) | speedup | efficiency "
-        "| paper speedup | paper efficiency |",
-        "|---|---|---|---|---|---|---|",
+        "| N | frames/worker to target | sample efficiency | modelled time (s) | speedup "
+        "| efficiency | paper speedup | paper efficiency |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result:
         n = r["workers"]
         p = paper.get(n)
         lines.append(
-            f"| {n} | {fmt(r['frames_to_target'], '.0f')} | {fmt(r['time_s'], '.4g', '-')} "
+            f"| {n} | {fmt(r['frames_to_target'], '.0f')} "
+            f"| {fmt(r['sample_efficiency'], '.1%', '-')} | {fmt(r['time_s'], '.4g', '-')} "
             f"| {fmt(r['speedup'], '.2f', '-')} | {fmt(r['efficiency'], '.1%', '-')} "
             f"| {f'{p[0]:.2f}' if p else '-'} | {f'{p[1]:.1%}' if p else '-'} |"
         )
     return "\n".join(lines)
 
 
-def speedup_markdown(grid: Grid, spec: TimeModelSpec, tables: list[str]) -> str:
+def speedup_markdown(grid: Grid, tables: list[str]) -> str:
     head = [
         "## Speedup to accuracy",
         "",
         f"For each N: the frames per worker needed to reach the 1-worker run's final CV frame "
         f"accuracy minus {100 * grid.accuracy_drop:.2g}% absolute (linear interpolation on the "
-        "per-epoch CV curve), turned into time with `modelavg.timemodel` "
-        f"(step {spec.step_seconds}, model bytes {spec.model_bytes}, link {spec.link}, "
-        f"overhead {spec.parallel_overhead}, fixed {spec.parallel_fixed_s}); speedup = T1/TN, "
-        "efficiency = speedup/N. The paper's columns are its time-only figures (equal epochs, "
+        "per-epoch CV curve), turned into time with `modelavg.timemodel` ("
+        + "; ".join(
+            f"{m.name}: step {m.step_seconds}, model bytes {m.model_bytes}, link {m.link}, "
+            f"overhead {m.parallel_overhead}, fixed {m.parallel_fixed_s}"
+            for m in grid.time_models
+        )
+        + "); speedup = T1/TN, efficiency = speedup/N; sample efficiency = frames(1) / "
+        "(N frames(N)), what averaging costs in data (1: N workers need 1/N of the frames each). "
+        "The paper's columns are its time-only figures (equal epochs, "
         "K=10, B=1024, brief §4.1): 58% efficiency at N=16 and 52% at N=32.",
         "",
     ]

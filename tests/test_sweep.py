@@ -140,6 +140,8 @@ def test_dry_run_lists_without_running(sweep, tmp_path):
         ({"data": "d", "workers": 1, "grid": {"workers": [1, 2]}}, "both fixed and in the grid"),
         ({"data": "d", "grid": {"optimizer+lr": [["sgd"]]}}, "is not 2 values"),
         ({"data": "d", "time_model": {"step_seconds": "fast"}}, "step_seconds: 'fast'"),
+        ({"data": "d", "time_model": ["paper", "paper"]}, "names must differ"),
+        ({"data": "d", "time_model": "k20"}, "time_model must be measured, paper, paper-hardware"),
         ({"data": "d", "accuracy_drop": 5}, "accuracy_drop"),
     ],
 )
@@ -207,6 +209,7 @@ def test_speedup_to_accuracy_by_hand():
     assert by_n[2]["time_s"] == pytest.approx(260.0)
     assert by_n[2]["speedup"] == pytest.approx(395.0 / 260.0)
     assert by_n[2]["efficiency"] == pytest.approx(395.0 / 260.0 / 2)
+    assert by_n[2]["sample_efficiency"] == pytest.approx(197.5 / (2 * 125.0))
     assert by_n[4]["frames_to_target"] is None
     assert by_n[4]["speedup"] is None and by_n[4]["efficiency"] is None
 
@@ -231,3 +234,36 @@ def test_paper_time_model_reproduces_calibrated_speedup():
     for row, ref in zip(rows, cal.rows, strict=True):
         assert row["speedup"] == pytest.approx(ref["speedup_pred"], rel=1e-9)
     assert rows[4]["efficiency"] == pytest.approx(9.32 / 16, abs=0.03)  # the paper's 58% at 16
+
+
+def test_paper_hardware_drops_staging_and_overheads_only(tmp_path):
+    """paper-hardware = the paper's step, bytes and fitted ring; no staging, no N > 1 overheads."""
+    group = [
+        {
+            "minibatch": 1024,
+            "avg_every": 10,
+            "parameters": 1000,
+            "step_s": 0.01,
+            "frames_per_worker_epoch": 1e6,
+        }
+    ]
+    grid = load_grid(
+        write_grid(tmp_path / "g.yaml", data="d", time_model=["paper", "paper-hardware"])
+    )
+    assert [m.name for m in grid.time_models] == ["paper", "paper-hardware"]
+    paper, _ = seconds_function(grid.time_models[0], group, grid.path)
+    hardware, used = seconds_function(grid.time_models[1], group, grid.path)
+    cal = tm.calibration_report()
+    link = cal.link_fit.link
+    assert used["link"].host_bandwidth_Bps is None and used["overhead"] == 0.0
+    assert (
+        used["link"].latency_s == link.latency_s
+        and used["link"].bandwidth_Bps == link.bandwidth_Bps
+    )
+    frames = 1e6
+    rounds = frames / (1024 * 10)
+    ring = tm.allreduce_seconds(tm.PAPER_MODEL_BYTES, 16, link.latency_s, link.bandwidth_Bps)
+    expected = frames / 1024 * cal.compute.step_seconds + rounds * ring
+    assert hardware(16, frames) == pytest.approx(expected, rel=1e-12)
+    assert hardware(16, frames) < paper(16, frames)
+    assert hardware(1, frames) == pytest.approx(paper(1, frames), rel=1e-12)
