@@ -159,6 +159,10 @@ def joined(cfg, penv: ProcessEnv | None) -> Iterator[Communicator]:
     """
     local = penv.local_world_size if penv and not cfg.in_process else 1
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local))
+    # Saturated sigmoids make denormal floats, and CPUs compute on those ~20x slower (measured:
+    # 1 s instead of 46 ms per a saturated model's step); flushing them to zero changes only
+    # values below ~1e-38.
+    torch.set_flush_denormal(True)
     if penv and penv.rank != 0:
         cfg.progress = False
     comm = connect(cfg, penv)

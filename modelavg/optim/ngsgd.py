@@ -371,7 +371,8 @@ class NGSGD(torch.optim.Optimizer):
     and only when the output still needs a gradient through the input or the bias).  The extra
     work per layer is then forming P_in and P_out, about 2·N·(R_in·(I+1) + R_out·O) multiply-adds
     against the 3·N·O·(I+1) of forward and backward.  ``weight.grad`` of such layers stays
-    ``None``: gradient clipping or L2 terms added to ``.grad`` do not reach NG layers.
+    ``None``: gradient clipping, L2 terms added to ``.grad`` and DDP's gradient allreduce do not
+    reach NG layers (NG-SGD is a local optimiser here, as in the paper: replicas are averaged).
 
     ``momentum`` (0 in Kaldi's NG component and in the paper) follows torch.optim.SGD:
     buf = μ·buf + d, p -= lr·buf, with d the gradient, or for a Linear layer the scaled
