@@ -533,30 +533,37 @@ def results_markdown(grid: Grid, rows: list[dict], plots: list[Path], speedup: s
 
 
 def pivot_by_workers(grid: Grid, rows: list[dict]) -> list[str]:
-    """The paper's table shape: one row per N, one column per setting of the other options;
-    each entry the final CV accuracy and, in brackets, the averaging rounds per epoch (the
-    regime: the paper had hundreds), or why the cell has no result."""
-    others = grid.others("workers")
-    columns = list(grouped(rows, others))
-    by_cell = {(int(r["workers"]), group_key(r, others)): r for r in rows}
-    lines = [
-        "CV frame accuracy (%) by N; [averaging rounds per epoch]:",
-        "",
-        "| N | " + " | ".join(label(c) for c in columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for n in sorted({int(r["workers"]) for r in rows}):
-        entries = []
-        for c in columns:
-            r = by_cell.get((n, c))
-            if r is None:
-                entries.append("")
-            elif r["status"] == "done":
-                entries.append(f"{100 * r['cv_frame_accuracy']:.2f} [{r['rounds_per_epoch']}]")
-            else:
-                entries.append(r["status"])
-        lines.append(f"| {n} | " + " | ".join(entries) + " |")
+    """The paper's table shape: one row per N, one column per point of the longest other axis
+    (ties: the later one), one table per setting of the remaining options.  Each entry is the
+    final CV accuracy with, in brackets, the averaging rounds per epoch (the regime: the paper
+    had hundreds), or why the cell has no result."""
+    axes = [names for names, _ in grid.axes if "workers" not in names]
+    sizes = {names: len(points) for names, points in grid.axes}
+    column_axis = max(reversed(axes), key=lambda names: sizes[names])
+    rest = [n for names in axes if names != column_axis for n in names]
+    lines = ["CV frame accuracy (%) by N; [averaging rounds per epoch]:"]
+    for table_key, table_rows in grouped(rows, rest).items():
+        columns = list(grouped(table_rows, column_axis))
+        by_cell = {(int(r["workers"]), group_key(r, column_axis)): r for r in table_rows}
+        lines.append("")
+        if rest:
+            lines += [f"{label(table_key)}:", ""]
+        lines += [
+            "| N | " + " | ".join(label(c) for c in columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for n in sorted({int(r["workers"]) for r in table_rows}):
+            entries = [pivot_entry(by_cell.get((n, c))) for c in columns]
+            lines.append(f"| {n} | " + " | ".join(entries) + " |")
     return lines
+
+
+def pivot_entry(row: dict | None) -> str:
+    if row is None:
+        return ""
+    if row["status"] != "done":
+        return row["status"]
+    return f"{100 * row['cv_frame_accuracy']:.2f} [{row['rounds_per_epoch']}]"
 
 
 def group_key(row: dict, names: Sequence[str]) -> tuple:

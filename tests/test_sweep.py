@@ -16,10 +16,12 @@ from modelavg.errors import UsageError
 from modelavg.sweep import (
     TimeModelSpec,
     add_arguments,
+    base_row,
     cell_name,
     frames_to_reach,
     load_grid,
     main,
+    pivot_by_workers,
     run_sweep,
     seconds_function,
     speedup_to_accuracy,
@@ -184,6 +186,33 @@ def test_joint_axis_stays_with_workers(tmp_path):
     assert [c.name for c in grid.cells][2] == "workers=4,epochs=6,avg_every=1"
     assert grid.others("workers") == ["avg_every"]
     assert grid.others("avg_every") == ["workers", "epochs"]
+
+
+def test_pivot_tables_put_the_longest_axis_in_columns(tmp_path):
+    """One table per optimiser, K across, N down; infeasible cells say so."""
+    grid = load_grid(
+        write_grid(
+            tmp_path / "g.yaml",
+            data="d",
+            grid={"workers": [1, 2], "avg_every": [1, 5, 10], "optimizer": ["sgd", "ngsgd"]},
+        )
+    )
+    rows = []
+    for i, cell in enumerate(grid.cells):
+        done = cell.varying["workers"] == 1 or cell.varying["avg_every"] < 10
+        row = base_row(cell, "done" if done else "infeasible")
+        row.update(cv_frame_accuracy=i / 100, rounds_per_epoch=7)
+        rows.append(row)
+    lines = pivot_by_workers(grid, rows)
+    assert lines[2:7] == [
+        "optimizer=sgd:",
+        "",
+        "| N | avg_every=1 | avg_every=5 | avg_every=10 |",
+        "|---|---|---|---|",
+        "| 1 | 0.00 [7] | 2.00 [7] | 4.00 [7] |",
+    ]
+    assert lines[7] == "| 2 | 6.00 [7] | 8.00 [7] | infeasible |"
+    assert lines[9] == "optimizer=ngsgd:" and lines[13] == "| 1 | 1.00 [7] | 3.00 [7] | 5.00 [7] |"
 
 
 def test_frames_to_reach_interpolates():
