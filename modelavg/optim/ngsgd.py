@@ -625,15 +625,16 @@ class NGSGD(torch.optim.Optimizer):
         # direction = k·P_outᵀ P_in (weight.grad units), k = 1/N for a mean loss
         coef = s * layer.last_scale / per_frame
         i = layer.module.in_features
+        train_bias = bias is not None and bias.requires_grad
         if momentum:
             direction = (p_out * coef.to(p_out)).T @ p_in
             self._sgd(weight, direction[:, :i].to(weight.dtype), lr, momentum)
-            if bias is not None:
+            if train_bias:
                 self._sgd(bias, direction[:, i].to(bias.dtype), lr, momentum)
         else:  # weight += (-lr·coef·P_out)ᵀ P_in in one fused product
             scaled = (p_out * (-lr * coef).to(p_out)).T
             weight.addmm_(scaled.to(weight.dtype), p_in[:, :i].to(weight.dtype))
-            if bias is not None:
+            if train_bias:
                 bias.addmv_(scaled.to(bias.dtype), p_in[:, i].to(bias.dtype))
 
     def _max_change_scale(
