@@ -25,6 +25,7 @@ from modelavg.sweep import (
     run_sweep,
     seconds_function,
     speedup_to_accuracy,
+    time_only,
 )
 
 TINY = {
@@ -263,6 +264,9 @@ def test_paper_time_model_reproduces_calibrated_speedup():
     for row, ref in zip(rows, cal.rows, strict=True):
         assert row["speedup"] == pytest.approx(ref["speedup_pred"], rel=1e-9)
     assert rows[4]["efficiency"] == pytest.approx(9.32 / 16, abs=0.03)  # the paper's 58% at 16
+    for row in rows:  # 1/N of the frames each: all of the efficiency is the time model's
+        assert row["sample_efficiency"] == pytest.approx(1.0)
+        assert time_only(row) == pytest.approx(row["efficiency"])
 
 
 def test_paper_hardware_drops_staging_and_overheads_only(tmp_path):
