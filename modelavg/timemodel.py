@@ -480,17 +480,25 @@ def calibration_report(
 if __name__ == "__main__":
     cal = calibration_report()
     print(cal.table())
-    print("\nprediction (paper link and overheads), N up to 64:")
-    for row in predict_table(
-        cal.compute.step_seconds,
-        PAPER_MODEL_BYTES,
-        cal.link_fit.link,
-        PAPER_FRAMES_PER_EPOCH,
-        parallel_overhead=cal.compute.parallel_overhead,
-        parallel_fixed_s=cal.compute.parallel_fixed_s,
-    ):
-        print(
-            f"N={row['workers']:2d} epoch {row['epoch_s'] / 60:6.1f} min, "
-            f"comm {row['comm_share']:5.1%}, speedup {row['speedup']:5.2f}, "
-            f"efficiency {row['efficiency']:5.1%}"
-        )
+    ring = Link(cal.link_fit.link.latency_s, cal.link_fit.link.bandwidth_Bps)
+    models = [
+        ("the paper's cluster (fitted link with host staging, its overheads)", cal.link_fit.link,
+         cal.compute.parallel_overhead, cal.compute.parallel_fixed_s),
+        ("the same GPUs and link, ring allreduce without host staging, no extra overheads",
+         ring, 0.0, 0.0),
+    ]  # fmt: skip
+    for title, link, overhead, fixed in models:
+        print(f"\nprediction, K=10, B=1024, N up to 64: {title}")
+        for row in predict_table(
+            cal.compute.step_seconds,
+            PAPER_MODEL_BYTES,
+            link,
+            PAPER_FRAMES_PER_EPOCH,
+            parallel_overhead=overhead,
+            parallel_fixed_s=fixed,
+        ):
+            print(
+                f"N={row['workers']:2d} epoch {row['epoch_s'] / 60:6.1f} min, "
+                f"comm {row['comm_share']:5.1%}, speedup {row['speedup']:5.2f}, "
+                f"efficiency {row['efficiency']:5.1%}"
+            )
