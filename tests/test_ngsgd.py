@@ -419,3 +419,22 @@ def test_inplace_activation_and_sequence_inputs() -> None:
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_steps_match_cpu() -> None:
+    """The same steps on CUDA as on the CPU, up to float32 rounding."""
+    cpu = _mlp(seed=2)
+    gpu = copy.deepcopy(cpu).cuda()
+    opt_cpu = NGSGD(cpu, lr=0.5, rank_in=4, rank_out=8, momentum=0.5)
+    opt_gpu = NGSGD(gpu, lr=0.5, rank_in=4, rank_out=8, momentum=0.5)
+    for seed in range(12):
+        x, y = _data(64, seed)
+        _train_step(cpu, opt_cpu, x, y)
+        _train_step(gpu, opt_gpu, x.cuda(), y.cuda())
+    for p, q in zip(cpu.parameters(), gpu.parameters(), strict=True):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-3, atol=1e-4)
+    # W (R x D) lives with the data; the R-vector D and the scalars stay float64 on the CPU
+    assert all(
+        pre.state_dict()["w"].is_cuda for pair in opt_gpu.preconditioners().values() for pre in pair
+    )
