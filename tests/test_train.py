@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import SMALL, make_data_dir
 
+from modelavg.checkpoint import load_files
 from modelavg.cli import main
 
 
@@ -91,6 +92,26 @@ def test_resume_gives_the_identical_model(run3, tmp_path, checkpoint):
     b = torch.load(resumed / "final.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (resumed / "metrics.jsonl").read_text().count('"kind": "epoch"') == 4
+
+
+@pytest.mark.parametrize("ng_reset", ["epoch", "never"])
+def test_ngsgd_state_is_per_worker_checkpointed_and_resumes_identically(
+    data_dir, tmp_path, ng_reset
+):
+    out = tmp_path / "ng"
+    ng = ["--optimizer", "ngsgd", "--ng-rank-in", "4", "--ng-rank-out", "8", "--lr", "0.2"]
+    args = ["--epochs", "2", "--checkpoint-every", "4", "--ng-reset", ng_reset, *ng]
+    assert train_two(data_dir, out, *args) == 0
+    ckpt_dir = out / "checkpoints" / "e002-r00004"
+    _, workers = load_files(ckpt_dir, [0, 1], torch.device("cpu"))
+    states = [w["optimizer"]["ngsgd"] for w in workers.values()]
+    assert states[0].keys() == states[1].keys() and states[0]
+    # never averaged: each worker's Fisher estimate comes from its own shard
+    assert all(not torch.equal(states[0][k]["in"]["w"], states[1][k]["in"]["w"]) for k in states[0])
+    resumed = resume_from(out, "e002-r00004", tmp_path)
+    a = torch.load(out / "final.pt", weights_only=False)["state_dict"]
+    b = torch.load(resumed / "final.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_newbob_rejects_an_epoch_that_hurts(data_dir, tmp_path):
