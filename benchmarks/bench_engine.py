@@ -2,7 +2,9 @@
 
 1. 2 gloo worker processes (1 thread each) against one single-thread worker, on the
    440-6x1024-2000 sigmoid DNN, minibatch 256, K=10: aggregate frames/s ratio (target >= 1.6) and
-   the share of wall time spent averaging (target <= 3%).
+   the share of wall time spent averaging (target <= 3%), with the part of it that is the
+   allreduce alone (both processes waiting at a barrier first): the rest is one worker waiting for
+   the other, which grows with the machine's noise.
 2. In-process mode: per-step cost of N logical workers against N separate single-worker steps
    (target <= 1.1).
 
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +94,39 @@ def run(data: Path, out: Path, *args: str) -> dict:
         "frames_per_s": frames / wall,
         "averaging_share": epoch["averaging_share"],
         "step_s": epoch["compute_s"] / (start["rounds_per_epoch"] * 10 * start["workers"]),
+        "round_s": epoch["compute_s"] / start["rounds_per_epoch"],  # the main process's compute
+        "parameters": start["parameters"],
     }
+
+
+def allreduce_alone(rank: int, port: int, numel: int, result: Path) -> None:
+    """One model-size allreduce with both processes already waiting (a barrier first): the
+    averaging share's floor, without the wait for the slower worker that a training run adds."""
+    import torch
+
+    from modelavg.comm.torchdist import TorchDistCommunicator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    comm = TorchDistCommunicator(rank, 2, "gloo")
+    flat, seconds = torch.ones(numel), []
+    for _ in range(12):
+        comm.barrier()
+        t0 = time.perf_counter()
+        comm.allreduce_mean_([flat])
+        seconds.append(time.perf_counter() - t0)
+    if rank == 0:
+        result.write_text(json.dumps(statistics.median(seconds[2:])))
+    comm.close()
+
+
+def measure_allreduce(numel: int, tmp: Path) -> float:
+    import torch.multiprocessing as mp
+
+    from modelavg.launch import free_port
+
+    mp.spawn(allreduce_alone, args=(free_port(), numel, tmp / "allreduce.json"), nprocs=2)
+    return json.loads((tmp / "allreduce.json").read_text())
 
 
 def main() -> None:
@@ -110,6 +146,7 @@ def main() -> None:
             single.append(run(data, tmp / f"single{i}", "--workers", "1"))
             gloo.append(run(data, tmp / f"gloo{i}", "--workers", "2", "--backend", "gloo"))
             inproc.append(run(data, tmp / f"inproc{i}", "--workers", str(n_ip), "--in-process"))
+        allreduce_s = measure_allreduce(gloo[0]["parameters"], tmp)
 
     med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
     fps1, fps2 = med(single, "frames_per_s"), med(gloo, "frames_per_s")
@@ -127,6 +164,11 @@ def main() -> None:
     print(
         f"averaging share:             {100 * share:.2f}%  (target <= 3%)  "
         f"{'MET' if share <= 0.03 else 'NOT MET'}"
+    )
+    round_s = med(gloo, "round_s")
+    print(
+        f"  of which the allreduce alone: {1e3 * allreduce_s:.1f} ms per round = "
+        f"{100 * allreduce_s / (round_s + allreduce_s):.2f}%; the rest: waiting for the other"
     )
     print(
         f"in-process {n_ip} workers, per-step cost / single-worker step: {step_ratio:.3f}  "
