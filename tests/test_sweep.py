@@ -300,3 +300,19 @@ def test_paper_hardware_drops_staging_and_overheads_only(tmp_path):
     assert hardware(16, frames) == pytest.approx(expected, rel=1e-12)
     assert hardware(16, frames) < paper(16, frames)
     assert hardware(1, frames) == pytest.approx(paper(1, frames), rel=1e-12)
+
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def test_every_committed_grid_loads_with_the_cell_count_its_readme_gives():
+    """A typo in a grid file, or a README table that no longer matches it, fails here."""
+    table = {}
+    for line in (EXPERIMENTS / "README.md").read_text().splitlines():
+        cols = [c.strip() for c in line.strip("|").split("|")]
+        if len(cols) > 2 and cols[0].startswith("`") and cols[0].endswith(".yaml`"):
+            table[cols[0].strip("`")] = int(cols[1])
+    grids = sorted(p.name for p in EXPERIMENTS.glob("*.yaml"))
+    assert grids == sorted(table)
+    for name in grids:
+        assert len(load_grid(EXPERIMENTS / name).cells) == table[name], name
