@@ -84,13 +84,17 @@ def resume_from(run: Path, checkpoint: str, tmp: Path) -> Path:
     return copy
 
 
+def same_final_model(a: Path, b: Path) -> bool:
+    """Bitwise-equal final.pt parameters in two run directories."""
+    sa, sb = (torch.load(d / "final.pt", weights_only=False)["state_dict"] for d in (a, b))
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 @pytest.mark.parametrize("checkpoint", ["e002-r00000", "e002-r00004"])
 def test_resume_gives_the_identical_model(run3, tmp_path, checkpoint):
     assert (run3 / "checkpoints" / checkpoint).is_dir()
     resumed = resume_from(run3, checkpoint, tmp_path)
-    a = torch.load(run3 / "final.pt", weights_only=False)["state_dict"]
-    b = torch.load(resumed / "final.pt", weights_only=False)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_final_model(run3, resumed)
     assert (resumed / "metrics.jsonl").read_text().count('"kind": "epoch"') == 4
 
 
@@ -108,10 +112,7 @@ def test_ngsgd_state_is_per_worker_checkpointed_and_resumes_identically(
     assert states[0].keys() == states[1].keys() and states[0]
     # never averaged: each worker's Fisher estimate comes from its own shard
     assert all(not torch.equal(states[0][k]["in"]["w"], states[1][k]["in"]["w"]) for k in states[0])
-    resumed = resume_from(out, "e002-r00004", tmp_path)
-    a = torch.load(out / "final.pt", weights_only=False)["state_dict"]
-    b = torch.load(resumed / "final.pt", weights_only=False)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_final_model(out, resume_from(out, "e002-r00004", tmp_path))
 
 
 def test_newbob_rejects_an_epoch_that_hurts(data_dir, tmp_path):
