@@ -178,6 +178,13 @@ def cmd_prepare_demo(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_prepare_synthetic(args: argparse.Namespace, argv: list[str]) -> int:
+    from modelavg.data.synthetic import prepare_synthetic
+
+    prepare_synthetic(args.out, num_utts=args.utts, seed=args.seed, jobs=args.jobs)
+    return 0
+
+
 def cmd_prepare_unlabelled(args: argparse.Namespace, argv: list[str]) -> int:
     from modelavg.data.unlabelled import prepare_unlabelled
 
@@ -253,6 +260,19 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
     p.add_argument("--max-images", type=int, help="cap the number of images (for tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cv hold-out")
     handlers["prepare-fashion"] = cmd_prepare_fashion
+
+    p = sub.add_parser(
+        "prepare-synthetic",
+        help="synthetic speech (festival) with exact phone-state targets, any size, for scale "
+        "studies",
+    )
+    p.add_argument("--out", default="data/synthetic", help="output directory")
+    p.add_argument(
+        "--utts", type=int, default=6000, help="sentences (~360 frames each; default 6000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the text, voice, channel, split")
+    p.add_argument("--jobs", type=int, default=2, help="festival processes in parallel")
+    handlers["prepare-synthetic"] = cmd_prepare_synthetic
     p = sub.add_parser(
         "prepare-unlabelled",
         help="features only (no labels) from the Asterisk prompts in other languages, "

@@ -125,6 +125,12 @@ class TrainConfig(ParallelOptions):
     seed: int = opt(777, "random seed (initialisation and frame order)", group="run")
     resume: bool = opt(False, "continue from the last checkpoint in --out", group="run")
     log_every: int = opt(50, "write a metrics line every M averaging rounds", group="run")
+    cv_every: int = opt(
+        0,
+        "also validate every M averaging rounds within an epoch, for finer learning curves "
+        "(0: after each epoch only)",
+        group="run",
+    )
     checkpoint_every: int = opt(
         0, "also checkpoint every M averaging rounds (0 = epochs only)", group="run"
     )
@@ -192,6 +198,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.buffer_frames >= 1, "--buffer-frames must be >= 1"),
         (cfg.log_every >= 1, "--log-every must be >= 1"),
         (cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+        (cfg.cv_every >= 0, "--cv-every must be >= 0"),
         (cfg.timeout > 0, "--timeout must be > 0"),
         (cfg.max_rollbacks >= 0, "--max-rollbacks must be >= 0"),
         (0 < cfg.rollback_lr_factor <= 1, "--rollback-lr-factor must be in (0, 1]"),

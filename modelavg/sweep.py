@@ -41,8 +41,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -310,16 +312,22 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def learning_curve(metrics: list[dict], frames_per_epoch: int) -> tuple[list[float], list[float]]:
-    """(frames per worker, CV accuracy) after epochs 0..E of the model training continues from.
+    """(frames per worker, CV accuracy) after epochs 0..E, and at the mid-epoch points of
+    ``cv_every``, of the model training continues from.
 
     A Newbob-rejected epoch still costs its frames, but the run goes on from the previous model,
-    so the curve keeps the previous accuracy there.
+    so the curve keeps the previous accuracy at its end.
     """
-    frames, acc = [], []
-    for e in (m for m in metrics if m.get("kind") == "epoch"):
-        rejected = e.get("accepted") is False and acc
-        frames.append(float(e["epoch"] * frames_per_epoch))
-        acc.append(acc[-1] if rejected else float(e["cv_frame_accuracy"]))
+    frames, acc, last_end = [], [], None
+    for m in metrics:
+        if m.get("kind") == "cv":
+            frames.append(float(m["frames_per_worker"]))
+            acc.append(float(m["cv_frame_accuracy"]))
+        elif m.get("kind") == "epoch":
+            rejected = m.get("accepted") is False and last_end is not None
+            last_end = last_end if rejected else float(m["cv_frame_accuracy"])
+            frames.append(float(m["epoch"] * frames_per_epoch))
+            acc.append(last_end)
     return frames, acc
 
 
@@ -352,7 +360,9 @@ def cell_result(cell_dir: Path) -> dict[str, Any]:
         "averaging_share": averaging / (compute + averaging) if compute + averaging else 0.0,
         "step_s": compute / (steps * local_workers) if steps else None,
         "parameters": start.get("parameters"),
-        "cv_acc_per_epoch": " ".join(f"{100 * a:.2f}" for a in acc),
+        "cv_acc_per_epoch": " ".join(
+            f"{100 * a:.2f}" for f, a in zip(frames, acc, strict=True) if f % per_epoch == 0
+        ),
         "curve": (frames, acc),
     }
 
@@ -367,10 +377,12 @@ def run_sweep(
     *,
     resume: bool = False,
     keep_checkpoints: bool = False,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Run (or with ``dry_run`` only list) every cell; returns one row per cell.
 
+    ``jobs`` cells run at once (give each cell ``threads: 1`` and one job per core).
     Finished cells are skipped; half-finished ones restart cleanly, or continue from their last
     checkpoint with ``resume``. A finished cell's checkpoints are deleted (final.pt stays) unless
     ``keep_checkpoints``: a full grid of paper-size models would not fit on disk. Writes
@@ -378,7 +390,10 @@ def run_sweep(
     """
     grid = load_grid(grid_path)
     out = Path(out_dir)
-    rows = []
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    rows: list[dict] = []
+    pending = []
     for i, cell in enumerate(grid.cells, 1):
         cell_dir = out / cell.name
         action = plan_cell(cell, cell_dir, resume)
@@ -399,9 +414,25 @@ def run_sweep(
             log(f"{prefix} infeasible (known): {message}")
             rows.append({**base_row(cell, "infeasible"), "error": message})
             continue
-        rows.append(execute(cell, cell_dir, action, prefix, log))
-        if rows[-1]["status"] == "done" and not keep_checkpoints:
+        rows.append({})  # filled in below, in grid order whatever order the cells end in
+        pending.append((len(rows) - 1, cell, cell_dir, action, prefix))
+
+    lock = threading.Lock()
+
+    def say(message: str) -> None:  # one line at a time from concurrent cells
+        with lock:
+            log(message)
+
+    def run_one(job: tuple) -> tuple[int, dict]:
+        position, cell, cell_dir, action, prefix = job
+        row = execute(cell, cell_dir, action, prefix, say)
+        if row["status"] == "done" and not keep_checkpoints:
             shutil.rmtree(cell_dir / "checkpoints", ignore_errors=True)
+        return position, row
+
+    with ThreadPoolExecutor(jobs) as pool:  # each cell is its own process: threads only wait
+        for position, row in pool.map(run_one, pending):
+            rows[position] = row
     if not dry_run:
         write_reports(grid, out, rows, log)
     return rows
@@ -651,7 +682,7 @@ def plot_curves(rows: list[dict], grid: Grid, path: Path) -> Path:
 
 def frames_to_reach(frames: Sequence[float], acc: Sequence[float], target: float) -> float | None:
     """Frames per worker at which the curve first reaches ``target``, interpolating linearly
-    between epochs; None when it never does."""
+    between validation points; None when it never does."""
     for i, (f, a) in enumerate(zip(frames, acc, strict=True)):
         if a >= target:
             if i == 0:
@@ -907,7 +938,8 @@ def speedup_markdown(grid: Grid, tables: list[str]) -> str:
         "",
         f"For each N: the frames per worker needed to reach the 1-worker run's final CV frame "
         f"accuracy minus {100 * grid.accuracy_drop:.2g}% absolute (linear interpolation on the "
-        "per-epoch CV curve), turned into time with `modelavg.timemodel` ("
+        "CV curve: after each epoch, and every `cv_every` rounds when set), turned into time "
+        "with `modelavg.timemodel` ("
         + "; ".join(
             f"{m.name}: step {m.step_seconds}, model bytes {m.model_bytes}, link {m.link}, "
             f"overhead {m.parallel_overhead}, fixed {m.parallel_fixed_s}"
@@ -972,6 +1004,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep finished cells' checkpoints (default: delete them, keep final.pt)",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="cells to run at once (default 1; one per core)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -982,6 +1017,7 @@ def main(args: argparse.Namespace) -> int:
         args.dry_run,
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
+        jobs=args.jobs,
     )
     failed = [r["cell"] for r in rows if r["status"] == "failed"]
     if failed:

@@ -95,6 +95,8 @@ def train(cfg: TrainConfig, comm: Communicator) -> dict:
             check_divergence(run, round_)
             if round_ % cfg.log_every == 0 or round_ == run.rounds:
                 log_round(run, round_, bar)
+            if cfg.cv_every and round_ % cfg.cv_every == 0 and round_ < run.rounds:
+                log_cv(run, round_)
             if cfg.checkpoint_every and round_ % cfg.checkpoint_every == 0 and round_ < run.rounds:
                 save_checkpoint(run, round_)
             bar.update(1)
@@ -409,6 +411,15 @@ class MetricsLog:
 
 def prefixed(prefix: str, stats: dict) -> dict:
     return {f"{prefix}_{k}": v for k, v in stats.items()}
+
+
+def log_cv(run: Run, round_: int) -> None:
+    """A mid-epoch validation point of the learning curve (the models are equal after averaging)."""
+    rounds_done = (run.epoch - 1) * run.rounds + round_
+    frames = rounds_done * run.cfg.avg_every * run.cfg.minibatch
+    cv = validate(run)
+    record = {"kind": "cv", "epoch": run.epoch, "round": round_, "frames_per_worker": frames}
+    run.log.write({**record, **prefixed("cv", cv)})
 
 
 def log_round(run: Run, round_: int, bar: tqdm) -> None:

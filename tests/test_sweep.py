@@ -58,7 +58,7 @@ def sweep(tmp_path_factory) -> tuple[Path, Path, list[dict], list[str]]:
     stale.mkdir(parents=True)
     (stale / "stale.txt").write_text("left over")
     lines: list[str] = []
-    rows = run_sweep(grid, out, log=lines.append)
+    rows = run_sweep(grid, out, jobs=2, log=lines.append)  # two cells at a time
     return grid, out, rows, lines
 
 
@@ -109,6 +109,14 @@ def test_reports_and_plots(sweep):
     speedup = (out / "speedup.md").read_text()
     assert "| 1 |" in speedup and "| 2 |" in speedup and "58.3%" not in speedup  # only N in grid
     assert not (out / "workers=2,avg_every=2" / "stale.txt").exists()  # restarted cleanly
+
+
+def test_concurrent_cells_log_whole_lines_and_bad_jobs_is_refused(sweep, tmp_path):
+    grid, _, _, lines = sweep
+    assert sum("running ..." in line for line in lines) == 4
+    assert all(line.startswith(("[", "results:")) and line.count("[") <= 2 for line in lines)
+    with pytest.raises(UsageError, match="--jobs must be >= 1"):
+        run_sweep(grid, tmp_path / "x", jobs=0)
 
 
 def test_second_run_skips_finished_cells(sweep, capsys):

@@ -12,6 +12,7 @@ from conftest import SMALL, make_data_dir
 
 from modelavg.checkpoint import load_files
 from modelavg.cli import main
+from modelavg.sweep import learning_curve, read_jsonl
 
 
 def train(*args: str) -> int:
@@ -113,6 +114,24 @@ def test_ngsgd_state_is_per_worker_checkpointed_and_resumes_identically(
     # never averaged: each worker's Fisher estimate comes from its own shard
     assert all(not torch.equal(states[0][k]["in"]["w"], states[1][k]["in"]["w"]) for k in states[0])
     assert same_final_model(out, resume_from(out, "e002-r00004", tmp_path))
+
+
+def test_cv_every_adds_curve_points_without_changing_training(run3, data_dir, tmp_path):
+    out = tmp_path / "cv_every"
+    args = ["--epochs", "3", "--log-every", "3", "--checkpoint-every", "4", "--cv-every", "2"]
+    assert train_two(data_dir, out, *args) == 0
+    assert same_final_model(run3, out)
+    start = records(out, "start")[0]
+    rounds, frames_per_round = start["rounds_per_epoch"], 2 * 16  # --avg-every 2, minibatch 16
+    points = records(out, "cv")
+    expected = [(e, r) for e in (1, 2, 3) for r in range(2, rounds, 2)]
+    assert [(p["epoch"], p["round"]) for p in points] == expected and expected
+    for p in points:
+        assert p["frames_per_worker"] == ((p["epoch"] - 1) * rounds + p["round"]) * frames_per_round
+        assert 0 <= p["cv_frame_accuracy"] <= 1
+    frames, acc = learning_curve(read_jsonl(out / "metrics.jsonl"), rounds * frames_per_round)
+    assert len(frames) == 4 + len(points) and frames == sorted(frames)
+    assert acc[-1] == records(out, "epoch")[-1]["cv_frame_accuracy"]
 
 
 def test_newbob_rejects_an_epoch_that_hurts(data_dir, tmp_path):

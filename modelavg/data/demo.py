@@ -437,26 +437,24 @@ def split_utts(utts: list[str], seed: int) -> dict[str, list[str]]:
     }
 
 
-def _write_lines(path: Path, lines: Iterable[str]) -> None:
+def write_lines(path: Path, lines: Iterable[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def _write_split(
+def write_split(
     split_dir: Path,
-    results: list[_Result],
+    feats: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    phones: dict[str, np.ndarray],
     texts: dict[str, str],
     speaker: str,
-    class_of: dict[int, int],
-    phone_of: dict[str, int],
 ) -> None:
-    feats = {r.utt: r.feats for r in results}
-    targets = {r.utt: np.asarray([class_of[s] for s in r.senones.tolist()]) for r in results}
-    phones = {r.utt: np.asarray([phone_of[p] for p in r.phones]) for r in results}
+    """One Kaldi data directory: the tables plus ``text``, ``utt2spk`` and ``spk2utt``."""
     write_data_dir(split_dir, feats, targets, tables={"phones": phones})
     utts = sorted(feats)
-    _write_lines(split_dir / "text", (f"{u} {texts[u]}" for u in utts))
-    _write_lines(split_dir / "utt2spk", (f"{u} {speaker}" for u in utts))
-    _write_lines(split_dir / "spk2utt", [" ".join([speaker, *utts])])
+    write_lines(split_dir / "text", (f"{u} {texts[u]}" for u in utts))
+    write_lines(split_dir / "utt2spk", (f"{u} {speaker}" for u in utts))
+    write_lines(split_dir / "spk2utt", [" ".join([speaker, *utts])])
 
 
 def _split_counts(results: list[_Result], train_senones: set[int]) -> dict[str, int]:
@@ -591,11 +589,18 @@ def prepare_demo(
     speakers = {"test_other": LIBRIVOX_SPEAKER}
     for name, group in groups.items():
         speaker = speakers.get(name, ASTERISK_SPEAKER)
-        _write_split(out / name, group, texts, speaker, class_of, phone_of)
+        write_split(
+            out / name,
+            {r.utt: r.feats for r in group},
+            {r.utt: np.asarray([class_of[s] for s in r.senones.tolist()]) for r in group},
+            {r.utt: np.asarray([phone_of[p] for p in r.phones]) for r in group},
+            texts,
+            speaker,
+        )
 
-    _write_lines(out / "classes.txt", (f"{i} {s} {senone_phone[s]}" for i, s in enumerate(senones)))
-    _write_lines(out / "phones.txt", (f"{i} {p}" for i, p in enumerate(phone_names)))
-    _write_lines(out / "failed.txt", (f"{u} {failed[u]}" for u in sorted(failed)))
+    write_lines(out / "classes.txt", (f"{i} {s} {senone_phone[s]}" for i, s in enumerate(senones)))
+    write_lines(out / "phones.txt", (f"{i} {p}" for i, p in enumerate(phone_names)))
+    write_lines(out / "failed.txt", (f"{u} {failed[u]}" for u in sorted(failed)))
     counts = {
         "out_dir": str(out),
         "prompts": num_prompts,

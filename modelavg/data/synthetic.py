@@ -1,0 +1,309 @@
+"""Synthetic speech corpus for scale studies: festival sentences with exact phone-state targets.
+
+The real demo corpus holds about 100k frames, too few for N = 16-32 workers to average many
+times per epoch. Festival (Debian ``festival festvox-kallpc16k festlex-cmu``) synthesises any
+amount of speech offline and knows where every phone starts and ends, so a corpus of millions of
+labelled frames costs minutes. It is synthetic (one diphone voice), never a substitute for real
+speech: use it to study how training scales, and the demo corpus for how well a model recognises.
+
+Choices (also written to the corpus README):
+
+* Text: random sentences of 4-12 words drawn uniformly from the vocabulary of the Asterisk
+  prompts (real English words the lexicon knows), one seeded generator per utterance.
+* Variability, drawn per utterance: speaking rate (festival ``Duration_Stretch``), pitch mean and
+  range (``int_lr_params``), white noise at a random SNR, then a channel: spectral tilt
+  (first-order filter) and gain. Without it every instance of a phone would sound the same.
+* Targets: each phone segment's frames are split into ``STATES_PER_PHONE`` equal parts, the
+  left-to-right HMM states of a GMM-HMM system; a frame belongs to the segment holding its
+  centre. Classes are every (phone, state) pair seen, in sorted order.
+* Features: the demo corpus's 40-dim log-mel filterbank (kaldi-native-fbank), so models and
+  recipes carry over. Every utterance's random draws depend only on (seed, utterance index): the
+  corpus is byte-identical whatever ``jobs``.
+
+Example::
+
+    counts = prepare_synthetic("data/synthetic", num_utts=6000, jobs=2)
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from modelavg.data.demo import (
+    ASTERISK_TRANSCRIPT,
+    NUM_MEL_BINS,
+    fbank,
+    load_audio_16k,
+    normalize_text,
+    read_asterisk_transcripts,
+    split_utts,
+    write_lines,
+    write_split,
+)
+from modelavg.errors import UsageError
+
+APT_INSTALL = "apt-get install -y festival festvox-kallpc16k festlex-cmu asterisk-core-sounds-en"
+STATES_PER_PHONE = 3
+WORDS_PER_SENTENCE = (4, 12)
+DURATION_STRETCH = (0.8, 1.3)
+F0_MEAN_HZ = (80.0, 180.0)
+F0_STD_HZ = (8.0, 30.0)
+GAIN_DB = (-20.0, 0.0)
+TILT = (-0.5, 0.8)  # y[n] = x[n] - a x[n-1]: a > 0 brightens, a < 0 darkens
+SNR_DB = (15.0, 35.0)
+UTTS_PER_CALL = 40  # sentences per festival process: start-up (~0.3 s) amortised, bar still moves
+SPEAKER = "festival-kal"
+FRAME_SHIFT_S = 0.010
+FRAME_LENGTH_S = 0.025
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One sentence to synthesise and the per-utterance variability drawn for it."""
+
+    utt: str
+    text: str
+    duration_stretch: float
+    f0_mean: float
+    f0_std: float
+    gain_db: float
+    tilt: float
+    snr_db: float
+    noise_seed: int
+
+
+@dataclass
+class Synthesised:
+    utt: str
+    feats: np.ndarray  # frames x NUM_MEL_BINS
+    phones: list[str]  # per frame
+    states: np.ndarray  # per frame, 0 .. STATES_PER_PHONE - 1
+
+    def labels(self) -> list[tuple[str, int]]:
+        """(phone, state) per frame."""
+        return list(zip(self.phones, self.states.tolist(), strict=True))
+
+
+def vocabulary(transcript: Path = ASTERISK_TRANSCRIPT) -> list[str]:
+    """Sorted distinct words of the Asterisk prompts, as the demo corpus normalises them."""
+    if not transcript.exists():
+        raise UsageError(f"{transcript}: not found; run: {APT_INSTALL}")
+    prompts = read_asterisk_transcripts(transcript).values()
+    words = {w for text in prompts for w in normalize_text(text).split()}
+    return sorted(w for w in words if w.replace("'", "").isalpha())
+
+
+def draw_utterance(index: int, vocab: list[str], seed: int) -> Utterance:
+    """The sentence and variability of utterance ``index``: a function of (seed, index) only."""
+    rng = np.random.default_rng([seed, index])
+    num_words = int(rng.integers(WORDS_PER_SENTENCE[0], WORDS_PER_SENTENCE[1] + 1))
+    text = " ".join(vocab[i] for i in rng.integers(0, len(vocab), num_words))
+    u = {name: float(rng.uniform(*r)) for name, r in (
+        ("duration_stretch", DURATION_STRETCH), ("f0_mean", F0_MEAN_HZ), ("f0_std", F0_STD_HZ),
+        ("gain_db", GAIN_DB), ("tilt", TILT), ("snr_db", SNR_DB))}  # fmt: skip
+    return Utterance(f"{SPEAKER}-{index:06d}", text, noise_seed=int(rng.integers(2**31)), **u)
+
+
+def festival_script(utts: list[Utterance], out_dir: Path) -> str:
+    """A festival batch script: per utterance set rate and pitch, synthesise, save wav + labels."""
+    lines = []
+    for u in utts:
+        lines += [
+            f"(Parameter.set 'Duration_Stretch {u.duration_stretch:.4f})",
+            f"(set! int_lr_params '((target_f0_mean {u.f0_mean:.2f}) (target_f0_std "
+            f"{u.f0_std:.2f}) (model_f0_mean 170) (model_f0_std 34)))",
+            f'(set! utt (SynthText "{u.text}"))',
+            f'(utt.save.wave utt "{out_dir / u.utt}.wav" \'riff)',
+            f'(utt.save.segs utt "{out_dir / u.utt}.lab")',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def read_segments(path: Path) -> list[tuple[float, str]]:
+    """Festival ``utt.save.segs`` labels: (end time in s, phone) per segment, in order."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    body = lines[lines.index("#") + 1 :] if "#" in lines else lines
+    segments = []
+    for line in body:
+        fields = line.split()
+        if len(fields) == 3:
+            segments.append((float(fields[0]), fields[2]))
+    if not segments:
+        raise UsageError(f"{path}: no phone segments")
+    return segments
+
+
+def frame_labels(
+    segments: list[tuple[float, str]], num_frames: int
+) -> tuple[list[str], np.ndarray]:
+    """Phone and state per frame: the segment holding the frame's centre, cut into equal states.
+
+    Frames past the last segment's end (the analysis window's tail) belong to the last segment.
+    """
+    centres = np.arange(num_frames) * FRAME_SHIFT_S + FRAME_LENGTH_S / 2
+    ends = np.array([end for end, _ in segments])
+    seg = np.minimum(np.searchsorted(ends, centres, side="right"), len(segments) - 1)
+    states = np.zeros(num_frames, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
+    for s, e in zip(starts, np.r_[starts[1:], num_frames], strict=True):
+        states[s:e] = (np.arange(e - s) * STATES_PER_PHONE) // (e - s)
+    return [segments[i][1] for i in seg], states
+
+
+def channel(samples: np.ndarray, u: Utterance) -> np.ndarray:
+    """White noise at the utterance's SNR (against the clean speech), then the channel's
+    spectral tilt and gain, which colour speech and noise alike; back to int16."""
+    x = samples.astype(np.float64)
+    noise = np.random.default_rng(u.noise_seed).standard_normal(len(x))
+    x = x + noise * np.sqrt(np.mean(x**2) / 10 ** (u.snr_db / 10)) if len(x) else x
+    x = np.r_[x[:1], x[1:] - u.tilt * x[:-1]] * 10 ** (u.gain_db / 20)
+    return np.clip(np.round(x), -32768, 32767).astype(np.int16)
+
+
+def synthesise(utts: list[Utterance]) -> list[Synthesised]:
+    """One festival process for a batch of sentences, then channel, features and labels."""
+    with tempfile.TemporaryDirectory(prefix="modelavg-festival-") as tmp:
+        tmp_dir = Path(tmp)
+        script = tmp_dir / "batch.scm"
+        script.write_text(festival_script(utts, tmp_dir), encoding="utf-8")
+        proc = subprocess.run(["festival", "-b", str(script)], capture_output=True, text=True)
+        results = []
+        for u in utts:
+            wav, lab = tmp_dir / f"{u.utt}.wav", tmp_dir / f"{u.utt}.lab"
+            if not wav.exists() or not lab.exists():
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise UsageError(f"festival failed on utterance {u.utt} ({u.text!r}): {err}")
+            feats = fbank(channel(load_audio_16k(str(wav)), u))
+            phones, states = frame_labels(read_segments(lab), len(feats))
+            results.append(Synthesised(u.utt, feats, phones, states))
+    return results
+
+
+def _run(batches: list[list[Utterance]], jobs: int, progress: bool) -> Iterator[Synthesised]:
+    from tqdm import tqdm
+
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, desc="synthesising", unit="utt", disable=not progress, file=sys.stderr)
+    try:
+        if jobs <= 1:
+            results = map(synthesise, batches)
+        else:
+            import multiprocessing as mp
+
+            pool = mp.get_context("spawn").Pool(jobs)
+            results = pool.imap(synthesise, batches)
+        for batch in results:
+            yield from batch
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if jobs > 1:
+            pool.terminate()
+
+
+def _check_dependencies() -> None:
+    if shutil.which("festival") is None:
+        raise UsageError(f"festival: command not found; run: {APT_INSTALL}")
+    voice = Path("/usr/share/festival/voices/english/kal_diphone")
+    if not voice.exists():
+        raise UsageError(f"{voice}: not found; run: {APT_INSTALL}")
+
+
+def _readme(counts: dict, seed: int) -> str:
+    rows = "\n".join(
+        f"| {name} | {c['utterances']} | {c['frames']} | {c['frames'] / 360000:.2f} |"
+        for name, c in counts["splits"].items()
+    )
+    return f"""# Synthetic speech corpus (frame-level phone-state targets)
+
+Generated by `modelavg prepare-synthetic` (`modelavg/data/synthetic.py`), seed {seed},
+{counts["utterances"]} sentences. Synthetic speech from one diphone voice: for scale studies,
+not a measure of recognition accuracy on real speech.
+{counts["classes"]} classes ({counts["phones"]} phones x up to {STATES_PER_PHONE} states).
+
+| split | utterances | frames | hours |
+|---|---|---|---|
+{rows}
+
+## How it was made
+
+1. Text: {WORDS_PER_SENTENCE[0]}-{WORDS_PER_SENTENCE[1]} words drawn uniformly from the
+   {counts["vocabulary"]}-word vocabulary of the Asterisk English prompts.
+2. Festival (`kal_diphone` voice, CMU lexicon) synthesises each sentence at 16 kHz with a random
+   speaking rate (Duration_Stretch {DURATION_STRETCH[0]}-{DURATION_STRETCH[1]}) and pitch
+   (mean {F0_MEAN_HZ[0]:g}-{F0_MEAN_HZ[1]:g} Hz, range {F0_STD_HZ[0]:g}-{F0_STD_HZ[1]:g} Hz) and
+   writes the phone segments it used.
+3. White noise at {SNR_DB[0]:g}-{SNR_DB[1]:g} dB SNR (against the clean sentence), then a
+   channel: tilt y[n] = x[n] - a x[n-1] with a in [{TILT[0]}, {TILT[1]}] and gain
+   {GAIN_DB[0]:g} to {GAIN_DB[1]:g} dB.
+4. Features: {NUM_MEL_BINS}-dim log-mel filterbank as in the demo corpus (kaldi-native-fbank,
+   25 ms / 10 ms, no dither). No normalisation is applied.
+5. Targets: a frame takes the phone segment holding its centre; each segment's frames are cut
+   into {STATES_PER_PHONE} equal parts (states 0, 1, 2). Classes: every (phone, state) seen.
+6. Split: utterances permuted with `numpy.random.default_rng({seed})`; 10% `test`, 10% `cv`.
+
+## Files
+
+- `classes.txt`: `class_id phone_state phone`; `phones.txt`: `phone_id phone`.
+- per split: `feats.scp/ark`, `targets.scp/ark`, `phones.scp/ark`, `text`, `utt2spk`, `spk2utt`.
+
+Festival and the kal diphone voice: free software (Festival: X11-style licence, University of
+Edinburgh; festvox-kallpc16k: see its Debian copyright file). The Asterisk transcripts:
+CC-BY-SA-3.0.
+"""
+
+
+def prepare_synthetic(
+    out_dir: str | Path = "data/synthetic",
+    num_utts: int = 6000,
+    seed: int = 0,
+    jobs: int = 2,
+    progress: bool = True,
+) -> dict:
+    """Synthesise ``num_utts`` sentences into ``out_dir/{train,cv,test}``; return the counts."""
+    if num_utts < 3:
+        raise UsageError(f"--utts must be >= 3 (one per split), got {num_utts}")
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    _check_dependencies()
+    vocab = vocabulary()
+    utts = [draw_utterance(i, vocab, seed) for i in range(num_utts)]
+    batches = [utts[i : i + UTTS_PER_CALL] for i in range(0, num_utts, UTTS_PER_CALL)]
+    results = {r.utt: r for r in _run(batches, jobs, progress)}
+    texts = {u.utt: u.text for u in utts}
+
+    pairs = sorted({label for r in results.values() for label in r.labels()})
+    class_of = {pair: i for i, pair in enumerate(pairs)}
+    phone_names = sorted({p for p, _ in pairs})
+    phone_of = {p: i for i, p in enumerate(phone_names)}
+    out = Path(out_dir)
+    counts = {"utterances": num_utts, "vocabulary": len(vocab), "classes": len(pairs),
+              "phones": len(phone_names), "splits": {}}  # fmt: skip
+    for name, names in split_utts(list(results), seed).items():
+        group = [results[u] for u in names]
+        write_split(
+            out / name,
+            {r.utt: r.feats for r in group},
+            {r.utt: np.array([class_of[x] for x in r.labels()]) for r in group},
+            {r.utt: np.array([phone_of[p] for p in r.phones]) for r in group},
+            texts,
+            SPEAKER,
+        )
+        frames = sum(len(r.feats) for r in group)
+        counts["splits"][name] = {"utterances": len(group), "frames": frames}
+    write_lines(out / "classes.txt", (f"{i} {p}_{s} {p}" for i, (p, s) in enumerate(pairs)))
+    write_lines(out / "phones.txt", (f"{i} {p}" for i, p in enumerate(phone_names)))
+    (out / "README.md").write_text(_readme(counts, seed), encoding="utf-8")
+    sizes = ", ".join(
+        f"{k} {v['utterances']} utts {v['frames']} frames" for k, v in counts["splits"].items()
+    )
+    print(f"synthetic corpus in {out}: {len(pairs)} classes, {len(phone_names)} phones; {sizes}")
+    return counts

@@ -1,0 +1,139 @@
+"""The festival synthetic corpus: aligned targets, consistent class maps, deterministic output."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelavg.data import synthetic
+from modelavg.data.demo import ASTERISK_TRANSCRIPT
+from modelavg.data.kaldi import read_corpus, read_labels
+from modelavg.decode import load_class_map
+from modelavg.errors import UsageError
+
+NUM_UTTS = 12
+needs_festival = pytest.mark.skipif(
+    shutil.which("festival") is None or not ASTERISK_TRANSCRIPT.exists(),
+    reason=f"Debian packages missing: {synthetic.APT_INSTALL}",
+)
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix != ".scp"  # scp files hold absolute paths
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synthetic")
+    counts = synthetic.prepare_synthetic(out, num_utts=NUM_UTTS, jobs=2, progress=False)
+    return out, counts
+
+
+def test_frame_labels_take_the_segment_at_each_frame_centre_and_split_it_into_states() -> None:
+    segments = [(0.10, "pau"), (0.16, "a"), (0.30, "pau")]
+    phones, states = synthetic.frame_labels(segments, 31)
+    # centres 12.5 ms + 10 ms i: frames 0-8 end before 0.10 s, 9-14 before 0.16 s
+    assert phones[:9] == ["pau"] * 9 and phones[9:15] == ["a"] * 6 and phones[15:] == ["pau"] * 16
+    assert states[9:15].tolist() == [0, 0, 1, 1, 2, 2]
+    assert states[:9].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert states[-1] == 2  # frame 30 (centre 0.3125 s) is past the end: the last segment
+
+
+def test_draws_depend_on_seed_and_index_only() -> None:
+    vocab = ["alpha", "beta", "gamma", "delta"]
+    assert synthetic.draw_utterance(5, vocab, 0) == synthetic.draw_utterance(5, vocab, 0)
+    assert synthetic.draw_utterance(5, vocab, 0) != synthetic.draw_utterance(5, vocab, 1)
+    assert synthetic.draw_utterance(5, vocab, 0) != synthetic.draw_utterance(6, vocab, 0)
+
+
+@needs_festival
+def test_corpus_is_readable_and_class_map_matches_the_phone_table(corpus) -> None:
+    out, counts = corpus
+    assert sum(s["utterances"] for s in counts["splits"].values()) == NUM_UTTS
+    class_to_phone, phone_names = load_class_map(out)
+    assert len(class_to_phone) == counts["classes"] and len(phone_names) == counts["phones"]
+    assert "pau" in phone_names
+    for split in ("train", "cv", "test"):
+        data = read_corpus(out / split)
+        phones = read_labels(out / split, default_name="phones.scp")
+        assert data.dim == synthetic.NUM_MEL_BINS
+        assert data.num_frames() == counts["splits"][split]["frames"] > 0
+        for utt, y in data.targets.items():
+            assert len(y) == len(data.feats[utt]) == len(phones[utt])
+            assert (class_to_phone[y].numpy() == phones[utt]).all()
+            assert np.isfinite(data.feats[utt]).all()
+
+
+VOWELS = {
+    "aa",
+    "ae",
+    "ah",
+    "ao",
+    "aw",
+    "ax",
+    "ay",
+    "eh",
+    "er",
+    "ey",
+    "ih",
+    "iy",
+    "ow",
+    "oy",
+    "uh",
+    "uw",
+}
+
+
+@needs_festival
+def test_silence_frames_are_quieter_than_vowel_frames(corpus) -> None:
+    """Labels line up with the audio: in every utterance, frames labelled 'pau' (noise only, at
+    least 10 dB SNR) carry less energy than vowel frames; labels a few frames off, or in the
+    wrong time unit, would mix the two."""
+    out, _ = corpus
+    class_to_phone, names = load_class_map(out)
+    phone_of = np.array(names)[class_to_phone.numpy()]
+    data = read_corpus(out / "train")
+    for utt, feats in data.feats.items():
+        energy = np.log(np.exp(feats).sum(1))
+        phones = phone_of[data.targets[utt]]
+        silent, vowel = phones == "pau", np.isin(phones, list(VOWELS))
+        assert silent[0] and vowel.any(), utt
+        assert energy[vowel].mean() - energy[silent].mean() > 1.0, utt  # > 4.3 dB
+
+
+@needs_festival
+def test_output_does_not_depend_on_the_number_of_jobs(corpus, tmp_path: Path) -> None:
+    out, _ = corpus
+    synthetic.prepare_synthetic(tmp_path, num_utts=NUM_UTTS, jobs=1, progress=False)
+    assert _digests(tmp_path) == _digests(out)
+
+
+def test_bad_options_and_missing_festival_are_one_line_errors(monkeypatch, tmp_path) -> None:
+    with pytest.raises(UsageError, match="--utts"):
+        synthetic.prepare_synthetic(tmp_path, num_utts=2)
+    monkeypatch.setattr(synthetic.shutil, "which", lambda _: None)
+    with pytest.raises(UsageError, match="festival: command not found; run: apt-get"):
+        synthetic.prepare_synthetic(tmp_path, num_utts=10)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_reports_bad_count_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelavg", "prepare-synthetic", "--utts", "1", "--out", tmp_path],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "modelavg: error: --utts must be >= 3 (one per split), got 1"
+    ]
