@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,21 @@ def test_silence_frames_are_quieter_than_vowel_frames(corpus) -> None:
         silent, vowel = phones == "pau", np.isin(phones, list(VOWELS))
         assert silent[0] and vowel.any(), utt
         assert energy[vowel].mean() - energy[silent].mean() > 1.0, utt  # > 4.3 dB
+
+
+@needs_festival
+def test_speaking_rate_and_pitch_draws_reach_the_audio() -> None:
+    base = synthetic.draw_utterance(0, ["please", "enter", "the", "extension"], 0)
+    base = replace(base, snr_db=60.0, tilt=0.0, gain_db=0.0)
+    slow, fast, high = synthetic.synthesise(
+        [
+            replace(base, utt="slow", duration_stretch=1.3),
+            replace(base, utt="fast", duration_stretch=0.8),
+            replace(base, utt="high", duration_stretch=1.3, f0_mean=180.0),
+        ]
+    )
+    assert len(slow.feats) > 1.3 * len(fast.feats)
+    assert len(high.feats) == len(slow.feats) and not np.allclose(high.feats, slow.feats, atol=0.5)
 
 
 @needs_festival
