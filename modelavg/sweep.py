@@ -692,25 +692,37 @@ def frames_to_reach(frames: Sequence[float], acc: Sequence[float], target: float
     return None
 
 
+Curve = tuple[Sequence[float], Sequence[float]]  # (frames per worker, CV accuracy)
+
+
 def speedup_to_accuracy(
-    curves: dict[int, tuple[Sequence[float], Sequence[float]]],
+    curves: dict[int, list[Curve]],
     reference_accuracy: float,
     seconds: Callable[[int, float], float],
     drop: float = PAPER_DROP,
 ) -> list[dict[str, Any]]:
     """Per N: frames per worker to reach (1-worker final accuracy - drop), the modelled time
-    ``seconds(N, frames)`` and speedup T1/TN, efficiency speedup/N (None where not reached)."""
+    ``seconds(N, frames)`` and speedup T1/TN, efficiency speedup/N (None where not reached).
+
+    Each N may have several runs (e.g. different epoch budgets, whose lr schedules anneal at
+    different points): the one that reaches the target with the fewest frames counts, for
+    N = 1 as for every other N; ``run`` is its index in ``curves[N]``."""
     target = reference_accuracy - drop
-    reach = {n: frames_to_reach(*curves[n], target) for n in sorted(curves)}
-    f1 = reach.get(1)
+    reach: dict[int, tuple[float | None, int | None]] = {}
+    for n in sorted(curves):
+        found = [(frames_to_reach(*c, target), i) for i, c in enumerate(curves[n])]
+        found = [(f, i) for f, i in found if f is not None]
+        reach[n] = min(found) if found else (None, None)
+    f1 = reach.get(1, (None, None))[0]
     t1 = seconds(1, f1) if f1 is not None else None
     rows = []
-    for n, f in reach.items():
+    for n, (f, run) in reach.items():
         t = seconds(n, f) if f is not None else None
         sp = t1 / t if t1 is not None and t else None
         rows.append(
             {
                 "workers": n,
+                "run": run,
                 "target": target,
                 "frames_to_target": f,
                 # 1 when N workers need 1/N of the frames each: what the data costs, not the time
@@ -872,13 +884,21 @@ def write_speedup(grid: Grid, out: Path, rows: list[dict]) -> str:
     tables, series = [], []
     for spec in grid.time_models:
         for key, group in grouped(done, others).items():
-            curves = {int(r["workers"]): r["curve"] for r in group}
-            if 1 not in curves:
+            runs: dict[int, list[dict]] = {}
+            for r in group:
+                runs.setdefault(int(r["workers"]), []).append(r)
+            if 1 not in runs:
                 continue
             seconds, used = seconds_function(spec, group, grid.path)
-            ref = next(r for r in group if int(r["workers"]) == 1)
-            acc = ref["cv_frame_accuracy"]
-            result = speedup_to_accuracy(curves, acc, seconds, grid.accuracy_drop)
+            ref = max(runs[1], key=lambda r: r["frames_per_worker"])  # the longest 1-worker run
+            curves = {n: [r["curve"] for r in rs] for n, rs in runs.items()}
+            result = speedup_to_accuracy(
+                curves, ref["cv_frame_accuracy"], seconds, grid.accuracy_drop
+            )
+            for row in result:
+                row["epochs"] = (
+                    None if row["run"] is None else runs[row["workers"]][row["run"]]["epochs"]
+                )
             title = f"{label(key)} (time model: {spec.name})"
             tables.append(speedup_table(title, result, used))
             series.append((title if len(grid.time_models) > 1 else label(key), result))
@@ -908,15 +928,16 @@ def speedup_table(title: str, result: list[dict], used: dict) -> str:
         )
         + f", parallel overhead {used['overhead']:.3g}.",
         "",
-        "| N | frames/worker to target | sample efficiency | time-only efficiency "
-        "| modelled time (s) | speedup | efficiency | paper speedup | paper efficiency |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| N | epochs of the run | frames/worker to target | sample efficiency "
+        "| time-only efficiency | modelled time (s) | speedup | efficiency | paper speedup "
+        "| paper efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result:
         n = r["workers"]
         p = paper.get(n)
         lines.append(
-            f"| {n} | {fmt(r['frames_to_target'], '.0f')} "
+            f"| {n} | {r.get('epochs') or '-'} | {fmt(r['frames_to_target'], '.0f')} "
             f"| {fmt(r['sample_efficiency'], '.1%', '-')} "
             f"| {fmt(time_only(r), '.1%', '-')} | {fmt(r['time_s'], '.4g', '-')} "
             f"| {fmt(r['speedup'], '.2f', '-')} | {fmt(r['efficiency'], '.1%', '-')} "
@@ -945,7 +966,9 @@ def speedup_markdown(grid: Grid, tables: list[str]) -> str:
             f"overhead {m.parallel_overhead}, fixed {m.parallel_fixed_s}"
             for m in grid.time_models
         )
-        + "); speedup = T1/TN, efficiency = speedup/N; sample efficiency = frames(1) / "
+        + "). Where several runs share an N (epoch budgets), the one reaching the target with "
+        "the fewest frames counts, and the target comes from the longest 1-worker run. "
+        "Speedup = T1/TN, efficiency = speedup/N; sample efficiency = frames(1) / "
         "(N frames(N)), what averaging costs in data (1: N workers need 1/N of the frames each), "
         "and time-only efficiency = efficiency / sample efficiency, what communication and "
         "overheads cost at this K and minibatch. "

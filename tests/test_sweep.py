@@ -108,6 +108,7 @@ def test_reports_and_plots(sweep):
         assert (out / name).stat().st_size > 0, name
     speedup = (out / "speedup.md").read_text()
     assert "| 1 |" in speedup and "| 2 |" in speedup and "58.3%" not in speedup  # only N in grid
+    assert "| N | epochs of the run |" in speedup
     assert not (out / "workers=2,avg_every=2" / "stale.txt").exists()  # restarted cleanly
 
 
@@ -234,12 +235,16 @@ def test_frames_to_reach_interpolates():
 
 def test_speedup_to_accuracy_by_hand():
     curves = {
-        1: ([0, 100, 200], [0.2, 0.6, 0.8]),  # reference 0.8 -> target 0.795 at 197.5 frames
-        2: ([0, 50, 100, 150], [0.2, 0.7, 0.79, 0.8]),  # 100 + 0.005/0.01 * 50 = 125
-        4: ([0, 25, 50], [0.2, 0.7, 0.79]),  # never reaches 0.795
+        1: [([0, 100, 200], [0.2, 0.6, 0.8])],  # reference 0.8 -> target 0.795 at 197.5 frames
+        2: [
+            ([0, 50, 100, 150, 200], [0.2, 0.6, 0.7, 0.79, 0.81]),  # a longer budget: 175
+            ([0, 50, 100, 150], [0.2, 0.7, 0.79, 0.8]),  # 100 + 0.005/0.01 * 50 = 125
+        ],
+        4: [([0, 25, 50], [0.2, 0.7, 0.79])],  # never reaches 0.795
     }
     rows = speedup_to_accuracy(curves, 0.8, lambda n, f: 2 * f + (10 if n > 1 else 0))
     by_n = {r["workers"]: r for r in rows}
+    assert by_n[2]["run"] == 1 and by_n[1]["run"] == 0 and by_n[4]["run"] is None
     assert by_n[1]["target"] == pytest.approx(0.795)
     assert by_n[1]["frames_to_target"] == pytest.approx(197.5)
     assert by_n[2]["frames_to_target"] == pytest.approx(125.0)
@@ -266,7 +271,7 @@ def test_paper_time_model_reproduces_calibrated_speedup():
     ]
     spec = TimeModelSpec("paper", "paper", "paper", "paper", "paper")
     seconds, _ = seconds_function(spec, group, Path("g.yaml"))
-    curves = {n: ([0.0, frames / n], [0.0, 1.0]) for n in tm.PAPER_GPUS}
+    curves = {n: [([0.0, frames / n], [0.0, 1.0])] for n in tm.PAPER_GPUS}
     rows = speedup_to_accuracy(curves, 1.0, seconds, drop=0.0)
     cal = tm.calibration_report()
     for row, ref in zip(rows, cal.rows, strict=True):
