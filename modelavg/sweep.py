@@ -555,8 +555,8 @@ def results_markdown(grid: Grid, rows: list[dict], plots: list[Path], speedup: s
             cells += [r.get("error", "")[:80].replace("|", "/"), "", "", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "CV accuracy per epoch (epoch 0 = initial model) is in results.csv.", ""]
-    if "workers" in varying and len(varying) > 1:
-        lines += [*pivot_by_workers(grid, rows), ""]
+    if any("workers" not in names for names, _ in grid.axes) and "workers" in varying:
+        lines += [*pivot_by_workers(grid, rows), ""]  # N against another axis
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     if speedup:
         lines += ["", speedup]

@@ -120,6 +120,20 @@ def test_concurrent_cells_log_whole_lines_and_bad_jobs_is_refused(sweep, tmp_pat
         run_sweep(grid, tmp_path / "x", jobs=0)
 
 
+def test_budget_pairs_as_the_only_axis_and_two_runs_at_one_n(tmp_path):
+    """workers+epochs alone (no other axis to pivot on), with two epoch budgets at N = 1."""
+    data = make_data_dir(tmp_path / "train", utts=24)
+    cells = [[1, 1], [1, 2], [2, 2]]
+    fixed = {k: v for k, v in TINY.items() if k != "epochs"}
+    grid = write_grid(tmp_path / "g.yaml", data=str(data), **fixed, grid={"workers+epochs": cells})
+    rows = run_sweep(grid, tmp_path / "out", jobs=2, log=lambda _: None)
+    assert [r["status"] for r in rows] == ["done"] * 3
+    speedup = (tmp_path / "out" / "speedup.md").read_text()
+    assert "CV frame accuracy (%) by N" not in (tmp_path / "out" / "results.md").read_text()
+    longest = max((r for r in rows if r["workers"] == 1), key=lambda r: r["frames_per_worker"])
+    assert f"Target CV accuracy {100 * (longest['cv_frame_accuracy'] - 0.005):.2f}%" in speedup
+
+
 def test_second_run_skips_finished_cells(sweep, capsys):
     grid, out, _, _ = sweep
     finals = sorted(out.glob("*/final_cv.json"))
