@@ -268,7 +268,10 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
     )
     p.add_argument("--out", default="data/synthetic", help="output directory")
     p.add_argument(
-        "--utts", type=int, default=6000, help="sentences (~360 frames each; default 6000)"
+        "--utts",
+        type=int,
+        default=12000,
+        help="sentences (~365 frames each; default 12000: 3.5M training frames, ~2 min)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the text, voice, channel, split")
     p.add_argument("--jobs", type=int, default=2, help="festival processes in parallel")

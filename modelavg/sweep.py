@@ -664,12 +664,18 @@ def plot_curves(rows: list[dict], grid: Grid, path: Path) -> Path:
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
     for ax, (key, group) in zip(axes.flat, panels.items(), strict=False):
+        trained = []  # accuracies after the initial model: the y range worth seeing
         for r in sorted(group, key=lambda r: r.get(line_by) or 0):
-            frames, acc = r["curve"]
+            points = [(f, 100 * a) for f, a in zip(*r["curve"], strict=True) if f > 0]
+            trained += [a for _, a in points]
             partners = [n for n in grid.varying if n not in grid.others("workers")]
             name = ",".join(f"{n}={r[n]}" for n in partners) if line_by else r["cell"]
-            ax.plot(frames, [100 * a for a in acc], "o-", ms=3, label=name)
-        ax.set(title=label(key), xlabel="frames per worker", ylabel="CV frame accuracy (%)")
+            ax.plot([f for f, _ in points], [a for _, a in points], "o-", ms=3, label=name)
+        ax.set_xscale("log")  # N workers need ~1/N of the frames each: equal spacing in log N
+        if trained:
+            ax.set_ylim(max(0.0, min(trained) - 2), min(100.0, max(trained) + 1))
+        ax.set(title=label(key), xlabel="frames per worker (after epoch 0)")
+        ax.set(ylabel="CV frame accuracy (%)")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:

@@ -22,7 +22,7 @@ Choices (also written to the corpus README):
 
 Example::
 
-    counts = prepare_synthetic("data/synthetic", num_utts=6000, jobs=2)
+    counts = prepare_synthetic("data/synthetic", num_utts=12000, jobs=2)
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ CC-BY-SA-3.0.
 
 def prepare_synthetic(
     out_dir: str | Path = "data/synthetic",
-    num_utts: int = 6000,
+    num_utts: int = 12000,
     seed: int = 0,
     jobs: int = 2,
     progress: bool = True,
