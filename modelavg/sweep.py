@@ -710,9 +710,10 @@ def speedup_to_accuracy(
     """Per N: frames per worker to reach (1-worker final accuracy - drop), the modelled time
     ``seconds(N, frames)`` and speedup T1/TN, efficiency speedup/N (None where not reached).
 
-    Each N may have several runs (e.g. different epoch budgets, whose lr schedules anneal at
-    different points): the one that reaches the target with the fewest frames counts, for
-    N = 1 as for every other N; ``run`` is its index in ``curves[N]``."""
+    Each N may have several runs (e.g. epoch budgets, whose lr schedules anneal at different
+    points, or lrs): the one that reaches the target with the fewest frames counts, for N = 1 as
+    for every other N (each N tuned, as in time-to-accuracy benchmarks); ``run`` is its index in
+    ``curves[N]``."""
     target = reference_accuracy - drop
     reach: dict[int, tuple[float | None, int | None]] = {}
     for n in sorted(curves):
@@ -896,7 +897,7 @@ def write_speedup(grid: Grid, out: Path, rows: list[dict]) -> str:
             if 1 not in runs:
                 continue
             seconds, used = seconds_function(spec, group, grid.path)
-            ref = max(runs[1], key=lambda r: r["frames_per_worker"])  # the longest 1-worker run
+            ref = max(runs[1], key=lambda r: r["cv_frame_accuracy"])  # the best 1-worker run
             curves = {n: [r["curve"] for r in rs] for n, rs in runs.items()}
             result = speedup_to_accuracy(
                 curves, ref["cv_frame_accuracy"], seconds, grid.accuracy_drop
@@ -972,8 +973,8 @@ def speedup_markdown(grid: Grid, tables: list[str]) -> str:
             f"overhead {m.parallel_overhead}, fixed {m.parallel_fixed_s}"
             for m in grid.time_models
         )
-        + "). Where several runs share an N (epoch budgets), the one reaching the target with "
-        "the fewest frames counts, and the target comes from the longest 1-worker run. "
+        + "). Where several runs share an N (epoch budgets, lrs), the one reaching the target "
+        "with the fewest frames counts, and the target comes from the best 1-worker run. "
         "Speedup = T1/TN, efficiency = speedup/N; sample efficiency = frames(1) / "
         "(N frames(N)), what averaging costs in data (1: N workers need 1/N of the frames each), "
         "and time-only efficiency = efficiency / sample efficiency, what communication and "
