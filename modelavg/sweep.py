@@ -902,10 +902,11 @@ def write_speedup(grid: Grid, out: Path, rows: list[dict]) -> str:
             result = speedup_to_accuracy(
                 curves, ref["cv_frame_accuracy"], seconds, grid.accuracy_drop
             )
+            partners = [n for n in grid.varying if n not in others and n != "workers"]
             for row in result:
-                row["epochs"] = (
-                    None if row["run"] is None else runs[row["workers"]][row["run"]]["epochs"]
-                )
+                if row["run"] is not None:
+                    cell = runs[row["workers"]][row["run"]]
+                    row["run_label"] = ",".join(f"{n}={cell[n]}" for n in partners)
             title = f"{label(key)} (time model: {spec.name})"
             tables.append(speedup_table(title, result, used))
             series.append((title if len(grid.time_models) > 1 else label(key), result))
@@ -935,7 +936,7 @@ def speedup_table(title: str, result: list[dict], used: dict) -> str:
         )
         + f", parallel overhead {used['overhead']:.3g}.",
         "",
-        "| N | epochs of the run | frames/worker to target | sample efficiency "
+        "| N | run | frames/worker to target | sample efficiency "
         "| time-only efficiency | modelled time (s) | speedup | efficiency | paper speedup "
         "| paper efficiency |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -944,7 +945,7 @@ def speedup_table(title: str, result: list[dict], used: dict) -> str:
         n = r["workers"]
         p = paper.get(n)
         lines.append(
-            f"| {n} | {r.get('epochs') or '-'} | {fmt(r['frames_to_target'], '.0f')} "
+            f"| {n} | {r.get('run_label') or '-'} | {fmt(r['frames_to_target'], '.0f')} "
             f"| {fmt(r['sample_efficiency'], '.1%', '-')} "
             f"| {fmt(time_only(r), '.1%', '-')} | {fmt(r['time_s'], '.4g', '-')} "
             f"| {fmt(r['speedup'], '.2f', '-')} | {fmt(r['efficiency'], '.1%', '-')} "

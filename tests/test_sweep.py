@@ -108,7 +108,7 @@ def test_reports_and_plots(sweep):
         assert (out / name).stat().st_size > 0, name
     speedup = (out / "speedup.md").read_text()
     assert "| 1 |" in speedup and "| 2 |" in speedup and "58.3%" not in speedup  # only N in grid
-    assert "| N | epochs of the run |" in speedup
+    assert "| N | run |" in speedup
     assert not (out / "workers=2,avg_every=2" / "stale.txt").exists()  # restarted cleanly
 
 
@@ -132,7 +132,7 @@ def test_budget_pairs_as_the_only_axis_and_two_runs_at_one_n(tmp_path):
     assert "CV frame accuracy (%) by N" not in (tmp_path / "out" / "results.md").read_text()
     best = max(r["cv_frame_accuracy"] for r in rows if r["workers"] == 1)
     assert f"Target CV accuracy {100 * (best - 0.005):.2f}%" in speedup
-    assert speedup.count("| 1 | 1 |") + speedup.count("| 1 | 2 |") == 1  # the fastest budget
+    assert speedup.count("| 1 | epochs=1 |") + speedup.count("| 1 | epochs=2 |") == 1  # fastest
 
 
 def test_second_run_skips_finished_cells(sweep, capsys):
