@@ -99,3 +99,28 @@ def test_bmuf_momentum_accumulates_and_state_round_trips():
     restored.load_state_dict(saved)
     assert torch.equal(restored.delta, saved["delta"])
     assert BlockMomentumAverager(InProcessCommunicator(4)).block_momentum == 0.75
+
+
+def test_nesterov_bmuf_measures_the_block_update_from_the_look_ahead_start():
+    """Chen & Huo's NBM by hand: one block with local progress g, then blocks without any. The
+    momentum must decay (x bm per block): replicas sit at W0 + g (1 + bm + bm^2) after two
+    blocks; measuring G from W instead of the start point gives W0 + g (1 + 2 bm + 2 bm^2)."""
+    from modelavg.averaging.base import unflatten_
+
+    bm = 0.75
+    comm = InProcessCommunicator(2)
+    models = [mlp(), mlp()]
+    bmuf = BlockMomentumAverager(comm, block_momentum=bm, nesterov=True)
+    bmuf.start(models)
+    w0 = flatten(models[0]).clone()
+    g = torch.full_like(w0, 0.01)
+    with torch.no_grad():
+        for m in models:
+            unflatten_(flatten(m) + g, m)
+    bmuf.sync(models)  # G = g: W1 = W0 + g, start = W1 + bm g
+    torch.testing.assert_close(flatten(models[0]), w0 + (1 + bm) * g)
+    bmuf.sync(models)  # no local progress: G = 0, Delta = bm g
+    torch.testing.assert_close(flatten(models[0]), w0 + (1 + bm + bm**2) * g)
+    for _ in range(60):
+        bmuf.sync(models)
+    torch.testing.assert_close(flatten(models[0]), w0 + g / (1 - bm), rtol=1e-6, atol=1e-6)

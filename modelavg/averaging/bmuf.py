@@ -1,12 +1,15 @@
 """Blockwise model-update filtering (BMUF; Chen & Huo, ICASSP 2016) as an averager.
 
-With W the global model after the previous block and G = mean_n(theta_n) - W the averaged block
-update:
+With W the global model after the previous block, S the point the replicas started this block
+from and G = mean_n(theta_n) - S the averaged block update (Chen & Huo's eqs.):
 
     Delta <- block_momentum * Delta + block_lr * G
     W     <- W + Delta
-    replicas start the next block from W + block_momentum * Delta  (Nesterov, default)
-                                    or W                            (classical)
+    S     <- W + block_momentum * Delta  (Nesterov, default)
+          or W                          (classical)
+
+G is measured from S, not W: measured from W it would count the look-ahead block_momentum *
+Delta a second time, and the momentum would never decay (it grows for block_momentum > 0.5).
 
 block_momentum defaults to 1 - 1/N (CNTK's recommendation). With block_momentum = 0 and
 block_lr = 1 this is plain model averaging. W and Delta are saved with checkpoints.
@@ -50,14 +53,18 @@ class BlockMomentumAverager(Averager):
         if self.global_model is None:
             raise RuntimeError("BlockMomentumAverager.start() must be called before sync()")
         self.comm.allreduce_mean_(flats)
-        update = flats[0] - self.global_model
+        update = flats[0] - self._start_point()
         self.delta.mul_(self.block_momentum).add_(update, alpha=self.block_lr)
         self.global_model.add_(self.delta)
-        start = self.global_model
-        if self.nesterov:
-            start = self.global_model + self.block_momentum * self.delta
+        start = self._start_point()
         for flat in flats:
             flat.copy_(start)
+
+    def _start_point(self) -> torch.Tensor:
+        """Where the replicas start a block: W, or W + block_momentum * Delta (Nesterov)."""
+        if self.nesterov:
+            return self.global_model + self.block_momentum * self.delta
+        return self.global_model
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "global_model": self.global_model, "delta": self.delta}
