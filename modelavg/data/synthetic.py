@@ -188,24 +188,20 @@ def synthesise(utts: list[Utterance]) -> list[Synthesised]:
 
 
 def _run(batches: list[list[Utterance]], jobs: int, progress: bool) -> Iterator[Synthesised]:
+    import multiprocessing as mp
+
     from tqdm import tqdm
 
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, desc="synthesising", unit="utt", disable=not progress, file=sys.stderr)
+    pool = mp.get_context("spawn").Pool(jobs) if jobs > 1 else None
     try:
-        if jobs <= 1:
-            results = map(synthesise, batches)
-        else:
-            import multiprocessing as mp
-
-            pool = mp.get_context("spawn").Pool(jobs)
-            results = pool.imap(synthesise, batches)
-        for batch in results:
+        for batch in pool.imap(synthesise, batches) if pool else map(synthesise, batches):
             yield from batch
             bar.update(len(batch))
     finally:
         bar.close()
-        if jobs > 1:
+        if pool:
             pool.terminate()
 
 
@@ -219,7 +215,7 @@ def _check_dependencies() -> None:
 
 def _readme(counts: dict, seed: int) -> str:
     rows = "\n".join(
-        f"| {name} | {c['utterances']} | {c['frames']} | {c['frames'] / 360000:.2f} |"
+        f"| {name} | {c['utterances']} | {c['frames']} | {c['frames'] * FRAME_SHIFT_S / 3600:.2f} |"
         for name, c in counts["splits"].items()
     )
     return f"""# Synthetic speech corpus (frame-level phone-state targets)
