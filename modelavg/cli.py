@@ -323,8 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerLost as exc:
         from modelavg.launch import PEER_LOST
 
-        print(f"modelavg: error: {exc}", file=sys.stderr)
-        return PEER_LOST
+        print(f"modelavg: error: {exc}", file=sys.stderr, flush=True)
+        # Skip interpreter teardown: the threads of a broken gloo process group can abort it
+        # (SIGABRT), and the launcher would then blame this worker instead of the one that died.
+        # Checkpoints are written atomically, so there is nothing left to clean up.
+        sys.stdout.flush()
+        os._exit(PEER_LOST)
     except KeyboardInterrupt:
         print("modelavg: interrupted", file=sys.stderr)
         return 130

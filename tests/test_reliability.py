@@ -309,34 +309,71 @@ def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text()[:80]
 
 
-def test_killed_worker_stops_the_job_quickly_and_names_the_rank(data_dir, tmp_path):
-    out = tmp_path / "killed"
-    parent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "modelavg",
-            "train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(out),
-            *SMALL,
-            "--workers",
-            "2",
-            "--epochs",
-            "200",
-            "--timeout",
-            "30",
-        ],
+def train_argv(data_dir: Path, out: Path, **train) -> list[str]:
+    """``modelavg train`` for many epochs (the tests kill it long before it ends)."""
+    opts = [f"--{k.replace('_', '-')}={v}" for k, v in train.items()]
+    return [
+        sys.executable,
+        "-m",
+        "modelavg",
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+    ] + [
+        *SMALL,
+        "--epochs",
+        "200",
+        "--timeout",
+        "30",
+        *opts,
+    ]
+
+
+def start_training(data_dir: Path, out: Path, env: dict | None = None, **train) -> subprocess.Popen:
+    """Start ``train_argv`` and return once its first checkpoint is written."""
+    proc = subprocess.Popen(
+        train_argv(data_dir, out, **train),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "LATEST").exists():  # training is under way
-        assert time.monotonic() < deadline and parent.poll() is None, parent.communicate()
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.2)
+    return proc
+
+
+def test_survivor_of_a_killed_peer_exits_with_peer_lost_not_a_signal(data_dir, tmp_path):
+    """Ranks started by hand (as torchrun or mpirun would): when rank 1 is SIGKILLed, rank 0
+    prints one line and exits with PEER_LOST (3), not SIGABRT from a broken process group's
+    teardown, which would make a launcher blame it instead of rank 1."""
+    from modelavg.launch import PEER_LOST, free_port
+
+    base = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    base["MASTER_PORT"] = str(free_port())
+    envs = [{**base, "RANK": str(r), "LOCAL_RANK": str(r)} for r in (0, 1)]
+    out = tmp_path / "by_hand"
+    rank1 = subprocess.Popen(
+        train_argv(data_dir, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=envs[1],
+    )
+    rank0 = start_training(data_dir, out, env=envs[0])
+    rank1.kill()
+    rank1.wait()
+    _, err = rank0.communicate(timeout=60)
+    assert rank0.returncode == PEER_LOST, err
+    errors = [line for line in err.splitlines() if line.startswith("modelavg: error:")]
+    assert len(errors) == 1 and "worker rank 0: a collective failed" in errors[0], err
+
+
+def test_killed_worker_stops_the_job_quickly_and_names_the_rank(data_dir, tmp_path):
+    parent = start_training(data_dir, tmp_path / "killed", workers=2)
     workers = children(parent.pid)
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
