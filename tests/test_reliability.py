@@ -312,23 +312,9 @@ def alive(pid: int) -> bool:
 def train_argv(data_dir: Path, out: Path, **train) -> list[str]:
     """``modelavg train`` for many epochs (the tests kill it long before it ends)."""
     opts = [f"--{k.replace('_', '-')}={v}" for k, v in train.items()]
-    return [
-        sys.executable,
-        "-m",
-        "modelavg",
-        "train",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(out),
-    ] + [
-        *SMALL,
-        "--epochs",
-        "200",
-        "--timeout",
-        "30",
-        *opts,
-    ]
+    command = [sys.executable, "-m", "modelavg", "train"]
+    paths = ["--data", str(data_dir), "--out", str(out)]
+    return command + paths + [*SMALL, "--epochs", "200", "--timeout", "30", *opts]
 
 
 def start_training(data_dir: Path, out: Path, env: dict | None = None, **train) -> subprocess.Popen:
