@@ -180,6 +180,18 @@ def joined(cfg, penv: ProcessEnv | None) -> Iterator[Communicator]:
         comm.close()
 
 
+def local_rank_env(rank: int, workers: int, port: int) -> dict[str, str]:
+    """The variables torchrun sets for ``rank`` of ``workers`` processes on this machine."""
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(workers),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(workers),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
 def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:
     """Run ``modelavg <argv>`` as ``workers`` local processes; if one fails, stop the rest.
 
@@ -188,16 +200,7 @@ def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:
     port = free_port()
     procs = []
     for rank in range(workers):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": str(workers),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(workers),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "MODELAVG_LAUNCHER": "spawn",
-        }
+        env = {**os.environ, **local_rank_env(rank, workers, port), "MODELAVG_LAUNCHER": "spawn"}
         procs.append(subprocess.Popen([sys.executable, "-m", "modelavg", *argv], env=env))
     try:
         while True:

@@ -18,7 +18,7 @@ from modelavg.averaging.base import flatten
 from modelavg.comm import InProcessCommunicator
 from modelavg.data.kaldi import read_corpus
 from modelavg.errors import UsageError
-from modelavg.launch import free_port
+from modelavg.launch import free_port, local_rank_env
 from modelavg.model import DNN, DNNSpec
 from modelavg.pretrain import PretrainConfig, check_out_dir, pretrain
 from modelavg.rbm import DBN, load_dbn
@@ -174,18 +174,10 @@ def test_two_processes_give_the_same_dbn_as_two_inprocess_workers(inprocess, dat
         "from modelavg.pretrain import PretrainConfig, run_pretraining\n"
         "run_pretraining(PretrainConfig(**json.loads(sys.argv[1])), launch.detect())\n"
     )
-    port = str(free_port())
+    port = free_port()
     procs = []
     for rank in range(2):
-        env = {
-            **clean_env(),
-            "RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
+        env = {**clean_env(), **local_rank_env(rank, 2, port)}
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", script, json.dumps(asdict(cfg))],

@@ -337,11 +337,10 @@ def test_survivor_of_a_killed_peer_exits_with_peer_lost_not_a_signal(data_dir, t
     """Ranks started by hand (as torchrun or mpirun would): when rank 1 is SIGKILLed, rank 0
     prints one line and exits with PEER_LOST (3), not SIGABRT from a broken process group's
     teardown, which would make a launcher blame it instead of rank 1."""
-    from modelavg.launch import PEER_LOST, free_port
+    from modelavg.launch import PEER_LOST, free_port, local_rank_env
 
-    base = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
-    base["MASTER_PORT"] = str(free_port())
-    envs = [{**base, "RANK": str(r), "LOCAL_RANK": str(r)} for r in (0, 1)]
+    port = free_port()
+    envs = [{**os.environ, **local_rank_env(rank, 2, port)} for rank in (0, 1)]
     out = tmp_path / "by_hand"
     rank1 = subprocess.Popen(
         train_argv(data_dir, out),
