@@ -316,22 +316,21 @@ def main(argv: list[str] | None = None) -> int:
     parser, handlers = build_parser()
     try:
         args = parser.parse_args(argv)
-        return handlers[args.command](args, argv)
+        code = handlers[args.command](args, argv)
     except UsageError as exc:
         print(f"modelavg: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
-        return 2
+        code = 2
     except WorkerLost as exc:
         from modelavg.launch import PEER_LOST
 
-        print(f"modelavg: error: {exc}", file=sys.stderr, flush=True)
-        # Skip interpreter teardown: the threads of a broken gloo process group can abort it
-        # (SIGABRT), and the launcher would then blame this worker instead of the one that died.
-        # Checkpoints are written atomically, so there is nothing left to clean up.
-        sys.stdout.flush()
-        os._exit(PEER_LOST)
+        print(f"modelavg: error: {exc}", file=sys.stderr)
+        code = PEER_LOST
     except KeyboardInterrupt:
         print("modelavg: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    from modelavg.launch import end_process  # a worker of a process group exits here
+
+    return end_process(code)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,26 @@ def connect(cfg, penv: ProcessEnv | None) -> Communicator:
     ensure_rendezvous(penv)
     from modelavg.comm.torchdist import TorchDistCommunicator
 
+    global _joined_process_group
+    _joined_process_group = True
     return TorchDistCommunicator(penv.rank, penv.world_size, backend, device, cfg.timeout)
+
+
+_joined_process_group = False  # set by connect(); read by end_process()
+
+
+def end_process(code: int) -> int:
+    """``code``, or, once this process has joined a torch.distributed group, exit with it now.
+
+    Interpreter teardown after a gloo group (even a destroyed one) can abort in its C++ threads
+    (SIGABRT, seen after successful runs and after a lost peer), and the launcher would report a
+    failed worker. Everything a job writes is closed and atomically in place by then.
+    """
+    if not _joined_process_group:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager
