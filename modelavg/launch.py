@@ -164,6 +164,9 @@ def end_process(code: int) -> int:
     """
     if not _joined_process_group:
         return code
+    mpi = sys.modules.get("mpi4py.MPI")  # imported by ensure_rendezvous under mpirun
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpirun counts an exit without it as a failure; os._exit skips atexit
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
