@@ -157,6 +157,36 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_noise_scale(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from modelavg import noise
+    from modelavg.evaluate import read_labelled_table
+    from modelavg.model import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for path in args.model:
+        model = load_model(path)
+        _, table = read_labelled_table(model, args.data, args.feats, args.targets)
+        est = noise.estimate_noise_scale(
+            model,
+            table,
+            model.spec.context,
+            small_batch=args.small_batch,
+            batches=args.batches,
+            repeats=args.repeats,
+            seed=args.seed,
+        )
+        results.append(noise.report(path, est, args.minibatch, args.workers))
+        if not args.json:
+            print(noise.format_report(results[-1]), flush=True)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, argv: list[str]) -> int:
     from modelavg.demo import run_demo
 
@@ -231,6 +261,33 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
         "the phone bigram (default: the sibling train/ of --data with a class map)",
     )
     handlers["eval"] = cmd_eval
+
+    p = sub.add_parser(
+        "noise-scale",
+        help="gradient noise scale of a model on a data dir: how many workers x minibatch the "
+        "task can use (McCandlish et al. 2018)",
+    )
+    p.add_argument("--model", required=True, nargs="+", help="model file(s), e.g. final.pt")
+    p.add_argument("--data", required=True, help="data directory with feats.scp, targets.scp")
+    p.add_argument("--feats", help="override feats.scp (path or rspecifier)")
+    p.add_argument("--targets", help="override targets.scp (path or rspecifier)")
+    p.add_argument(
+        "--minibatch", type=int, default=256, help="the training minibatch to predict for"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16, 32, 64],
+        help="worker counts to predict for",
+    )
+    p.add_argument("--small-batch", type=int, default=256, help="frames per small gradient")
+    p.add_argument("--batches", type=int, default=16, help="small gradients per big one")
+    p.add_argument("--repeats", type=int, default=8, help="big gradients (for the error)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the frame draws")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--json", action="store_true", help="print one JSON list, one entry per model")
+    handlers["noise-scale"] = cmd_noise_scale
 
     p = sub.add_parser(
         "demo",

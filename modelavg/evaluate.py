@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelavg.data.frames import FrameTable
+from modelavg.errors import UsageError
 
 
 @torch.no_grad()
@@ -59,20 +60,10 @@ def utterance_log_probs(model: nn.Module, table: FrameTable, context: int) -> li
     return out
 
 
-def evaluate_data_dir(
-    model, data_dir, feats=None, targets=None, class_map=None, train_dir=None
-) -> dict:
-    """Frame accuracy and cross-entropy, with chance and majority-class baselines beside them.
-
-    With a class map (``classes.txt`` + ``phones.txt``) and ``phones.scp`` in both ``data_dir``
-    and ``train_dir``, also phone frame accuracy and the phone error rate of a Viterbi decode
-    with a frame-level phone bigram estimated from the training alignments.
-    """
-    from pathlib import Path
-
-    from modelavg import decode
-    from modelavg.data.kaldi import read_corpus, read_labels
-    from modelavg.errors import UsageError
+def read_labelled_table(model, data_dir, feats=None, targets=None) -> tuple:
+    """(corpus, FrameTable) of a data directory, checked against the model's input dimension
+    and number of classes (one-line errors naming the file and utterance)."""
+    from modelavg.data.kaldi import read_corpus
 
     spec = model.spec
     corpus = read_corpus(data_dir, feats, targets)
@@ -86,7 +77,25 @@ def evaluate_data_dir(
                 f"{corpus.source}: utterance {utt} has class id {int(t.max())}, the "
                 f"model has {spec.num_classes} classes"
             )
-    table = FrameTable.from_corpus(corpus, corpus.utts)
+    return corpus, FrameTable.from_corpus(corpus, corpus.utts)
+
+
+def evaluate_data_dir(
+    model, data_dir, feats=None, targets=None, class_map=None, train_dir=None
+) -> dict:
+    """Frame accuracy and cross-entropy, with chance and majority-class baselines beside them.
+
+    With a class map (``classes.txt`` + ``phones.txt``) and ``phones.scp`` in both ``data_dir``
+    and ``train_dir``, also phone frame accuracy and the phone error rate of a Viterbi decode
+    with a frame-level phone bigram estimated from the training alignments.
+    """
+    from pathlib import Path
+
+    from modelavg import decode
+    from modelavg.data.kaldi import read_labels
+
+    spec = model.spec
+    corpus, table = read_labelled_table(model, data_dir, feats, targets)
     result = summary(frame_stats(model, table, spec.context))
     if train_dir is None and class_map is None:
         return result

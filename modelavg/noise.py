@@ -1,0 +1,179 @@
+"""Gradient noise scale: how many frames per update a task can use before more stop paying.
+
+Why: N averaged workers of minibatch b can at best make the progress of one worker with
+minibatch N b (averaging after every step *is* that; averaging every K > 1 steps only adds
+drift). Whether that pays depends on the task, not the engine: McCandlish et al. (2018, "An
+Empirical Model of Large-Batch Training") measure it with the simple noise scale
+
+    B = tr(Sigma) / |G|^2        G: the full-data gradient, Sigma: the per-frame gradient covariance
+
+and show that a minibatch of b frames needs S = S_min (1 + B/b) steps and E = E_min (1 + b/B)
+frames to reach a given loss. So N workers of minibatch b, against one, need at least
+
+    frames(N) / (N frames(1)) >= ... i.e.  sample efficiency <= (1 + b/B) / (1 + N b/B)
+
+and that ceiling is also the best parallel efficiency (speedup / N) with free communication.
+
+Estimate, with the unbiased two-batch-size estimators of McCandlish et al. (appendix A): the
+squared norm of a minibatch gradient of b frames has expectation |G|^2 + tr(Sigma)/b, so from
+M gradients of b frames and their mean (one gradient of M b frames)
+
+    |G|^2      ~ (M b |G_Mb|^2 - b |G_b|^2) / (M b - b)
+    tr(Sigma)  ~ (|G_b|^2 - |G_Mb|^2) / (1/b - 1/(M b))
+
+each averaged over repeats before the ratio is taken (the ratio of means, as the paper does).
+
+Example::
+
+    est = estimate_noise_scale(model, table, context=5, small_batch=256, batches=16)
+    est.noise_scale                      # frames
+    efficiency_ceiling(est.noise_scale, minibatch=1024, workers=16)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelavg.data.frames import FrameTable
+from modelavg.errors import UsageError
+
+
+@dataclass(frozen=True)
+class NoiseScale:
+    """The estimate: ``noise_scale`` = ``trace_cov`` / ``grad_sq`` (frames), with its spread."""
+
+    grad_sq: float  # |G|^2, the squared norm of the full-data gradient
+    trace_cov: float  # tr(Sigma), the per-frame gradient variance summed over parameters
+    noise_scale: float  # B_simple in frames (inf when |G|^2 is not measurably > 0)
+    stderr: float  # jackknife standard error of noise_scale over the repeats
+    frames: int  # frames whose gradients were computed
+
+
+def efficiency_ceiling(noise_scale: float, minibatch: int, workers: int) -> float:
+    """Best sample (and parallel) efficiency of ``workers`` x ``minibatch`` against one worker:
+    (1 + b/B) / (1 + N b/B). 1 for N = 1; 1/N when B is small against b (no gain from N)."""
+    if math.isinf(noise_scale):
+        return 1.0
+    x = minibatch / noise_scale
+    return (1 + x) / (1 + workers * x)
+
+
+def workers_at_half_efficiency(noise_scale: float, minibatch: int) -> float:
+    """N where the ceiling falls to 50%: (1 + x)/(1 + N x) = 1/2 with x = b/B gives N = B/b + 2."""
+    return noise_scale / minibatch + 2
+
+
+def noise_scale_needed(efficiency: float, minibatch: int, workers: int) -> float:
+    """The smallest B whose ceiling reaches ``efficiency`` at N workers:
+    (1 + x)/(1 + N x) = e with x = b/B gives B = b (e N - 1) / (1 - e)."""
+    return minibatch * (efficiency * workers - 1) / (1 - efficiency)
+
+
+def flat_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gradient of the mean cross-entropy over one minibatch, as one flat float64 vector."""
+    params = [p for p in model.parameters()]
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params)
+    return torch.cat([g.reshape(-1) for g in grads]).double()
+
+
+def estimate_noise_scale(
+    model: nn.Module,
+    table: FrameTable,
+    context: int,
+    small_batch: int = 256,
+    batches: int = 16,
+    repeats: int = 8,
+    seed: int = 0,
+) -> NoiseScale:
+    """McCandlish's B_simple at ``model``'s parameters on ``table``'s frames: ``repeats`` times,
+    ``batches`` gradients of ``small_batch`` random frames and their mean (see the module doc)."""
+    big = small_batch * batches
+    if batches < 2 or small_batch < 1 or repeats < 1:
+        raise UsageError("noise scale: need --batches >= 2, --small-batch >= 1, --repeats >= 1")
+    if len(table) < big:
+        raise UsageError(
+            f"noise scale: {len(table)} frames, fewer than one big batch of {batches} x "
+            f"{small_batch}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    grad_sq, trace_cov = [], []
+    for _ in range(repeats):
+        idx = torch.randperm(len(table), generator=generator)[:big]
+        total, small_sq = None, 0.0
+        for chunk in idx.split(small_batch):
+            x, y = table.minibatch(chunk.to(table.feats.device), context)
+            g = flat_gradient(model, x.to(device), y.to(device))
+            small_sq += float(g @ g) / batches
+            total = g if total is None else total + g
+        mean = total / batches
+        big_sq = float(mean @ mean)
+        grad_sq.append((big * big_sq - small_batch * small_sq) / (big - small_batch))
+        trace_cov.append((small_sq - big_sq) / (1 / small_batch - 1 / big))
+    model.train(was_training)
+    return NoiseScale(
+        grad_sq=sum(grad_sq) / repeats,
+        trace_cov=sum(trace_cov) / repeats,
+        noise_scale=ratio_of_means(trace_cov, grad_sq),
+        stderr=jackknife_stderr(trace_cov, grad_sq),
+        frames=big * repeats,
+    )
+
+
+def ratio_of_means(num: list[float], den: list[float]) -> float:
+    d = sum(den)
+    return sum(num) / d if d > 0 else math.inf
+
+
+def jackknife_stderr(num: list[float], den: list[float]) -> float:
+    """Standard error of sum(num)/sum(den) by leaving one repeat out at a time (inf if any
+    leave-one-out denominator is not positive, or nan with a single repeat)."""
+    n = len(num)
+    if n < 2:
+        return math.nan
+    loo = [ratio_of_means(num[:i] + num[i + 1 :], den[:i] + den[i + 1 :]) for i in range(n)]
+    if any(math.isinf(v) for v in loo):
+        return math.inf
+    mean = sum(loo) / n
+    return math.sqrt((n - 1) / n * sum((v - mean) ** 2 for v in loo))
+
+
+def report(name: str, est: NoiseScale, minibatch: int, workers: list[int]) -> dict:
+    """The estimate and its efficiency ceilings, as one JSON-able dict."""
+    ceiling = {n: efficiency_ceiling(est.noise_scale, minibatch, n) for n in workers}
+    return {
+        "model": name,
+        "noise_scale": est.noise_scale,
+        "stderr": est.stderr,
+        "grad_sq": est.grad_sq,
+        "trace_cov": est.trace_cov,
+        "frames": est.frames,
+        "minibatch": minibatch,
+        "efficiency_ceiling": ceiling,
+        "workers_at_half_efficiency": workers_at_half_efficiency(est.noise_scale, minibatch),
+    }
+
+
+def format_report(r: dict) -> str:
+    ceiling = r["efficiency_ceiling"]
+    cells = " ".join(f"{n:>6}" for n in ceiling)
+    effs = " ".join(f"{100 * e:5.1f}%" for e in ceiling.values())
+    return "\n".join(
+        [
+            f"{r['model']}: gradient noise scale {r['noise_scale']:,.0f} frames "
+            f"(+- {r['stderr']:,.0f}; |G|^2 {r['grad_sq']:.4g}, tr(Sigma) {r['trace_cov']:.4g}, "
+            f"{r['frames']:,} frames)",
+            f"  best sample efficiency of N workers x minibatch {r['minibatch']} against one:",
+            f"  N          {cells}",
+            f"  efficiency {effs}",
+            f"  >= 50% up to N = {r['workers_at_half_efficiency']:.1f}",
+        ]
+    )

@@ -1,0 +1,100 @@
+"""Gradient noise scale: the estimator against exact per-frame gradients, the ceiling formulas,
+and the ``noise-scale`` command."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_data_dir
+
+from modelavg.cli import main
+from modelavg.data.frames import FrameTable
+from modelavg.data.kaldi import read_corpus
+from modelavg.model import DNN, DNNSpec, save_model
+from modelavg.noise import (
+    efficiency_ceiling,
+    estimate_noise_scale,
+    flat_gradient,
+    noise_scale_needed,
+    workers_at_half_efficiency,
+)
+
+
+@pytest.fixture(scope="module")
+def noisy_problem(tmp_path_factory):
+    """A small untrained DNN on ~4000 frames of overlapping Gaussian classes."""
+    data = make_data_dir(tmp_path_factory.mktemp("noise") / "train", utts=40, classes=4, dim=3)
+    corpus = read_corpus(data)
+    table = FrameTable.from_corpus(corpus, corpus.utts)
+    torch.manual_seed(0)
+    model = DNN(DNNSpec(input_dim=3, context=0, hidden_layers=1, hidden_dim=8, num_classes=4))
+    return data, table, model
+
+
+def exact_noise_scale(model, table) -> tuple[float, float]:
+    """|G|^2 and tr(Sigma) from every frame's own gradient (the population, no sampling)."""
+    grads = torch.stack(
+        [flat_gradient(model, *table.minibatch(torch.tensor([t]), 0)) for t in range(len(table))]
+    )
+    mean = grads.mean(0)
+    return float(mean @ mean), float(((grads - mean) ** 2).sum(1).mean())
+
+
+def test_estimate_matches_the_exact_noise_scale(noisy_problem):
+    _, table, model = noisy_problem
+    assert len(table) > 3000  # sampling without replacement: big batches are < 2% of the data
+    grad_sq, trace_cov = exact_noise_scale(model, table)
+    est = estimate_noise_scale(model, table, 0, small_batch=8, batches=8, repeats=150, seed=1)
+    assert est.frames == 8 * 8 * 150
+    assert est.trace_cov == pytest.approx(trace_cov, rel=0.1)
+    assert est.grad_sq == pytest.approx(grad_sq, rel=0.2)
+    assert est.noise_scale == pytest.approx(trace_cov / grad_sq, rel=0.2)
+    assert 0 < est.stderr < 0.2 * est.noise_scale
+
+
+def test_identical_frames_have_no_noise():
+    n = 512
+    table = FrameTable(
+        feats=torch.ones(n, 2),
+        targets=torch.zeros(n, dtype=torch.int64),
+        start=torch.zeros(n, dtype=torch.int64),
+        end=torch.full((n,), n),
+        lengths=np.array([n]),
+    )
+    torch.manual_seed(0)
+    model = DNN(DNNSpec(input_dim=2, context=0, hidden_layers=1, hidden_dim=4, num_classes=3))
+    est = estimate_noise_scale(model, table, 0, small_batch=4, batches=4, repeats=3)
+    assert abs(est.noise_scale) < 1e-6 and est.grad_sq > 0
+
+
+def test_ceiling_formulas():
+    assert efficiency_ceiling(2048, 1024, 1) == 1.0
+    assert efficiency_ceiling(2048, 1024, 16) == pytest.approx(1.5 / 9)
+    assert efficiency_ceiling(1e12, 1024, 32) == pytest.approx(1.0)  # pure noise: free scaling
+    ceilings = [efficiency_ceiling(5000, 256, n) for n in (1, 2, 4, 8, 16)]
+    assert ceilings == sorted(ceilings, reverse=True)
+    for e, n in ((0.583, 16), (0.522, 32), (0.9, 2)):
+        assert efficiency_ceiling(noise_scale_needed(e, 1024, n), 1024, n) == pytest.approx(e)
+    n_half = workers_at_half_efficiency(8192, 1024)
+    assert efficiency_ceiling(8192, 1024, n_half) == pytest.approx(0.5)
+
+
+def test_command_prints_json_and_refuses_a_misfit(tmp_path, capsys):
+    data = make_data_dir(tmp_path / "train", utts=20, dim=6, classes=4)
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    save_model(good, DNN(DNNSpec(6, 1, 1, 16, 4)))
+    save_model(bad, DNN(DNNSpec(5, 1, 1, 16, 4)))
+    common = ["--data", str(data), "--small-batch", "16", "--batches", "4", "--repeats", "3"]
+    assert main(["noise-scale", "--model", str(good), str(good), *common, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 2 and out[0] == out[1]  # same model, same seed: the same draws
+    ceiling = list(out[0]["efficiency_ceiling"].values())
+    assert out[0]["noise_scale"] > 0 and ceiling[0] == 1.0 and ceiling == sorted(ceiling)[::-1]
+    assert main(["noise-scale", "--model", str(good), *common]) == 0
+    assert "gradient noise scale" in capsys.readouterr().out
+    assert main(["noise-scale", "--model", str(bad), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "feature dimension 6, the model expects 5" in err
+    assert main(["noise-scale", "--model", str(good), *common[:2], "--batches", "999"]) == 2
+    assert "fewer than one big batch" in capsys.readouterr().err
