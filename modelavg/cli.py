@@ -281,9 +281,15 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
         default=[1, 2, 4, 8, 16, 32, 64],
         help="worker counts to predict for",
     )
-    p.add_argument("--small-batch", type=int, default=256, help="frames per small gradient")
-    p.add_argument("--batches", type=int, default=16, help="small gradients per big one")
-    p.add_argument("--repeats", type=int, default=8, help="big gradients (for the error)")
+    from modelavg import noise
+
+    p.add_argument(
+        "--small-batch", type=int, default=noise.SMALL_BATCH, help="frames per small gradient"
+    )
+    p.add_argument("--batches", type=int, default=noise.BATCHES, help="small gradients per big one")
+    p.add_argument(
+        "--repeats", type=int, default=noise.REPEATS, help="big gradients (for the error)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the frame draws")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--json", action="store_true", help="print one JSON list, one entry per model")

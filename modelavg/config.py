@@ -131,6 +131,12 @@ class TrainConfig(ParallelOptions):
         "(0: after each epoch only)",
         group="run",
     )
+    noise_scale: bool = opt(
+        False,
+        "also estimate the gradient noise scale at every validation (metrics.jsonl "
+        "noise_scale: frames per update the task can use; see modelavg noise-scale)",
+        group="run",
+    )
     checkpoint_every: int = opt(
         0, "also checkpoint every M averaging rounds (0 = epochs only)", group="run"
     )

@@ -42,6 +42,9 @@ from torch import nn
 from modelavg.data.frames import FrameTable
 from modelavg.errors import UsageError
 
+SMALL_BATCH, BATCHES, REPEATS = 256, 16, 8  # 8 gradients of 4096 frames, each from 16 of 256
+NOISE_FRAMES = SMALL_BATCH * BATCHES  # the fewest frames an estimate can draw from
+
 
 @dataclass(frozen=True)
 class NoiseScale:
@@ -86,9 +89,9 @@ def estimate_noise_scale(
     model: nn.Module,
     table: FrameTable,
     context: int,
-    small_batch: int = 256,
-    batches: int = 16,
-    repeats: int = 8,
+    small_batch: int = SMALL_BATCH,
+    batches: int = BATCHES,
+    repeats: int = REPEATS,
     seed: int = 0,
 ) -> NoiseScale:
     """McCandlish's B_simple at ``model``'s parameters on ``table``'s frames: ``repeats`` times,

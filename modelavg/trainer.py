@@ -34,6 +34,7 @@ from modelavg.errors import UsageError
 from modelavg.evaluate import frame_stats, summary
 from modelavg.guard import DivergenceGuard
 from modelavg.model import DNN, save_model
+from modelavg.noise import NOISE_FRAMES, estimate_noise_scale
 from modelavg.optim import build_optimizer, set_lr
 from modelavg.optim.schedules import SCHEDULES, Schedule
 
@@ -122,12 +123,17 @@ def start(cfg: TrainConfig, comm: Communicator) -> Run:
         accepted_model=copy.deepcopy(replicas[0].model.state_dict()),
         timer=Timer(comm.device),
     )
+    if cfg.noise_scale and len(replicas[0].train) < NOISE_FRAMES:
+        raise UsageError(
+            f"--noise-scale: a worker's shard holds {len(replicas[0].train)} frames, fewer than "
+            f"the {NOISE_FRAMES} one estimate draws"
+        )
     if cfg.resume:
         restore(run)
     else:
         write_run_header(run, data)
         cv0 = validate(run)
-        run.log.write({"kind": "epoch", "epoch": 0, **prefixed("cv", cv0)})
+        run.log.write({"kind": "epoch", "epoch": 0, **prefixed("cv", cv0), **noise_fields(run)})
         if cfg.schedule == "newbob":
             run.schedule = replace(run.schedule, best_loss=cv0["cross_entropy"])
     run.averager.start(run.models)
@@ -193,6 +199,7 @@ def end_epoch(run: Run) -> bool:
             "lr_next": run.schedule.lr,
             "leftover_frames": int(leftover),
             **prefixed("cv", cv),
+            **noise_fields(run),
             **times,
         }
     )
@@ -419,7 +426,20 @@ def log_cv(run: Run, round_: int) -> None:
     frames = rounds_done * run.cfg.avg_every * run.cfg.minibatch
     cv = validate(run)
     record = {"kind": "cv", "epoch": run.epoch, "round": round_, "frames_per_worker": frames}
-    run.log.write({**record, **prefixed("cv", cv)})
+    run.log.write({**record, **prefixed("cv", cv), **noise_fields(run)})
+
+
+def noise_fields(run: Run) -> dict:
+    """With --noise-scale: the gradient noise scale of the first worker's model on its shard
+    (the main process only; the models are equal after averaging). Its own random draws, so
+    training is unchanged."""
+    if not (run.cfg.noise_scale and run.comm.is_main):
+        return {}
+    replica = run.replicas[0]
+    model = DNN(replica.model.spec).to(run.comm.device)  # a copy without the optimiser's hooks
+    model.load_state_dict(replica.model.state_dict())
+    est = estimate_noise_scale(model, replica.train, run.cfg.context, seed=run.cfg.seed)
+    return {"noise_scale": est.noise_scale, "noise_stderr": est.stderr}
 
 
 def log_round(run: Run, round_: int, bar: tqdm) -> None:

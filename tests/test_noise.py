@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_data_dir
+from conftest import SMALL, make_data_dir
 
 from modelavg.cli import main
 from modelavg.data.frames import FrameTable
@@ -98,3 +98,29 @@ def test_command_prints_json_and_refuses_a_misfit(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "feature dimension 6, the model expects 5" in err
     assert main(["noise-scale", "--model", str(good), *common[:2], "--batches", "999"]) == 2
     assert "fewer than one big batch" in capsys.readouterr().err
+
+
+def test_train_logs_the_noise_scale_without_changing_training(tmp_path, capsys):
+    data = make_data_dir(tmp_path / "train", utts=60)
+    runs = {}
+    for name, extra in (
+        ("plain", ["--cv-every", "4"]),
+        ("noise", ["--cv-every", "4", "--noise-scale"]),
+    ):
+        out = tmp_path / name
+        args = ["--data", str(data), "--out", str(out), "--in-process", "--workers", "1"]
+        assert main(["train", *SMALL, *args, "--optimizer", "ngsgd", *extra]) == 0
+        runs[name] = out
+    records = [json.loads(line) for line in (runs["noise"] / "metrics.jsonl").open()]
+    noisy = [r for r in records if r["kind"] in ("epoch", "cv")]
+    assert len(noisy) >= 4 and all(r["noise_scale"] > 0 for r in noisy)  # epoch 0 included
+    assert noisy[0]["epoch"] == 0
+    plain, noise = (torch.load(runs[k] / "final.pt")["state_dict"] for k in ("plain", "noise"))
+    assert all(torch.equal(plain[k], noise[k]) for k in plain)
+    small = tmp_path / "small"
+    code = main(
+        ["train", *SMALL, "--data", str(data), "--out", str(small), "--in-process"]
+        + ["--workers", "4", "--noise-scale"]
+    )
+    assert code == 2 and "--noise-scale: a worker's shard holds" in capsys.readouterr().err
+    assert not small.exists() or not any(small.iterdir())
