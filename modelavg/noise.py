@@ -77,6 +77,31 @@ def noise_scale_needed(efficiency: float, minibatch: int, workers: int) -> float
     return minibatch * (efficiency * workers - 1) / (1 - efficiency)
 
 
+def trajectory_efficiency_ceiling(
+    frames: list[float],
+    noise_scales: list[float],
+    minibatch: int,
+    workers: int,
+    until: float | None = None,
+) -> float:
+    """The ceiling along a 1-worker run whose noise scale was B_k after frames[k], up to
+    ``until`` frames (default: the last point). N workers together need 1/ceiling times the
+    frames of each stretch; a stretch counts at the larger of its end points' B, so that the
+    ceiling errs high where B changes fast between validations (e.g. right after the start):
+
+        efficiency = (f_end - f_0) / sum_k (f_k+1 - f_k) / efficiency_ceiling(max(B_k, B_k+1))
+    """
+    if len(frames) != len(noise_scales) or len(frames) < 2:
+        raise ValueError("need matching frames and noise scales, at least two points")
+    end = frames[-1] if until is None else min(until, frames[-1])
+    cost = 0.0
+    for f0, f1, b0, b1 in zip(frames, frames[1:], noise_scales, noise_scales[1:], strict=False):
+        if f0 >= end:
+            break
+        cost += (min(f1, end) - f0) / efficiency_ceiling(max(b0, b1), minibatch, workers)
+    return (end - frames[0]) / cost
+
+
 def flat_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The gradient of the mean cross-entropy over one minibatch, as one flat float64 vector."""
     params = [p for p in model.parameters()]

@@ -319,16 +319,36 @@ def learning_curve(metrics: list[dict], frames_per_epoch: int) -> tuple[list[flo
     so the curve keeps the previous accuracy at its end.
     """
     frames, acc, last_end = [], [], None
+    for f, m in validation_points(metrics, frames_per_epoch):
+        if m["kind"] == "cv":
+            last = float(m["cv_frame_accuracy"])
+        else:
+            rejected = m.get("accepted") is False and last_end is not None
+            last_end = last = last_end if rejected else float(m["cv_frame_accuracy"])
+        frames.append(f)
+        acc.append(last)
+    return frames, acc
+
+
+def noise_curve(metrics: list[dict], frames_per_epoch: int) -> tuple[list[float], list[float]]:
+    """(frames per worker, gradient noise scale) where the run logged one (``noise_scale``)."""
+    points = [
+        (f, float(m["noise_scale"]))
+        for f, m in validation_points(metrics, frames_per_epoch)
+        if "noise_scale" in m
+    ]
+    return [f for f, _ in points], [b for _, b in points]
+
+
+def validation_points(metrics: list[dict], frames_per_epoch: int) -> list[tuple[float, dict]]:
+    """(frames per worker, record) of every validation: after each epoch and every cv_every."""
+    points = []
     for m in metrics:
         if m.get("kind") == "cv":
-            frames.append(float(m["frames_per_worker"]))
-            acc.append(float(m["cv_frame_accuracy"]))
+            points.append((float(m["frames_per_worker"]), m))
         elif m.get("kind") == "epoch":
-            rejected = m.get("accepted") is False and last_end is not None
-            last_end = last_end if rejected else float(m["cv_frame_accuracy"])
-            frames.append(float(m["epoch"] * frames_per_epoch))
-            acc.append(last_end)
-    return frames, acc
+            points.append((float(m["epoch"] * frames_per_epoch), m))
+    return points
 
 
 def cell_result(cell_dir: Path) -> dict[str, Any]:
@@ -364,6 +384,7 @@ def cell_result(cell_dir: Path) -> dict[str, Any]:
             f"{100 * a:.2f}" for f, a in zip(frames, acc, strict=True) if f % per_epoch == 0
         ),
         "curve": (frames, acc),
+        "noise_curve": noise_curve(metrics, per_epoch),
     }
 
 
@@ -902,6 +923,7 @@ def write_speedup(grid: Grid, out: Path, rows: list[dict]) -> str:
             result = speedup_to_accuracy(
                 curves, ref["cv_frame_accuracy"], seconds, grid.accuracy_drop
             )
+            add_noise_ceilings(result, runs[1])
             partners = [n for n in grid.varying if n not in others and n != "workers"]
             for row in result:
                 if row["run"] is not None:
@@ -916,12 +938,32 @@ def write_speedup(grid: Grid, out: Path, rows: list[dict]) -> str:
     return text
 
 
+def add_noise_ceilings(result: list[dict], ones: list[dict]) -> None:
+    """With the 1-worker reference run's noise scale logged (``noise_scale: true``): each N's
+    best sample efficiency along that run up to the target (``noise.trajectory_efficiency_
+    ceiling``), to set beside the measured one."""
+    from modelavg.noise import trajectory_efficiency_ceiling
+
+    first = next(r for r in result if r["workers"] == 1)
+    if first["run"] is None:
+        return
+    ref = ones[first["run"]]
+    frames, scales = ref.get("noise_curve") or ([], [])
+    if len(frames) < 2 or frames[0] >= first["frames_to_target"]:
+        return
+    for row in result:
+        row["ceiling"] = trajectory_efficiency_ceiling(
+            frames, scales, int(ref["minibatch"]), row["workers"], until=first["frames_to_target"]
+        )
+
+
 def fmt(value: float | None, pattern: str, missing: str = "not reached") -> str:
     return missing if value is None else format(value, pattern)
 
 
 def speedup_table(title: str, result: list[dict], used: dict) -> str:
     paper = paper_speedups()
+    ceilings = any("ceiling" in r for r in result)
     lk = used["link"]
     lines = [
         f"### {title}",
@@ -937,9 +979,10 @@ def speedup_table(title: str, result: list[dict], used: dict) -> str:
         + f", parallel overhead {used['overhead']:.3g}.",
         "",
         "| N | run | frames/worker to target | sample efficiency "
-        "| time-only efficiency | modelled time (s) | speedup | efficiency | paper speedup "
+        + ("| ceiling (noise scale) " if ceilings else "")
+        + "| time-only efficiency | modelled time (s) | speedup | efficiency | paper speedup "
         "| paper efficiency |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ceilings else ""),
     ]
     for r in result:
         n = r["workers"]
@@ -947,7 +990,8 @@ def speedup_table(title: str, result: list[dict], used: dict) -> str:
         lines.append(
             f"| {n} | {r.get('run_label') or '-'} | {fmt(r['frames_to_target'], '.0f')} "
             f"| {fmt(r['sample_efficiency'], '.1%', '-')} "
-            f"| {fmt(time_only(r), '.1%', '-')} | {fmt(r['time_s'], '.4g', '-')} "
+            + (f"| {fmt(r.get('ceiling'), '.1%', '-')} " if ceilings else "")
+            + f"| {fmt(time_only(r), '.1%', '-')} | {fmt(r['time_s'], '.4g', '-')} "
             f"| {fmt(r['speedup'], '.2f', '-')} | {fmt(r['efficiency'], '.1%', '-')} "
             f"| {f'{p[0]:.2f}' if p else '-'} | {f'{p[1]:.1%}' if p else '-'} |"
         )
@@ -979,7 +1023,10 @@ def speedup_markdown(grid: Grid, tables: list[str]) -> str:
         "Speedup = T1/TN, efficiency = speedup/N; sample efficiency = frames(1) / "
         "(N frames(N)), what averaging costs in data (1: N workers need 1/N of the frames each), "
         "and time-only efficiency = efficiency / sample efficiency, what communication and "
-        "overheads cost at this K and minibatch. "
+        "overheads cost at this K and minibatch. Where the reference run logged its gradient "
+        "noise scale (`noise_scale: true`), the ceiling column is the best sample efficiency "
+        "any N-worker run could have had along it (`modelavg.noise`: N workers acting like one "
+        "minibatch N times larger, McCandlish et al. 2018). "
         "The paper's columns are its time-only figures (equal epochs, "
         "K=10, B=1024, brief §4.1): 58% efficiency at N=16 and 52% at N=32.",
         "",

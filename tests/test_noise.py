@@ -17,6 +17,7 @@ from modelavg.noise import (
     estimate_noise_scale,
     flat_gradient,
     noise_scale_needed,
+    trajectory_efficiency_ceiling,
     workers_at_half_efficiency,
 )
 
@@ -124,3 +125,17 @@ def test_train_logs_the_noise_scale_without_changing_training(tmp_path, capsys):
     )
     assert code == 2 and "--noise-scale: a worker's shard holds" in capsys.readouterr().err
     assert not small.exists() or not any(small.iterdir())
+
+
+def test_trajectory_ceiling_weights_each_stretch_by_its_frames():
+    # constant B: the single-point ceiling
+    assert trajectory_efficiency_ceiling([0, 10, 30], [4096] * 3, 1024, 8) == pytest.approx(
+        efficiency_ceiling(4096, 1024, 8)
+    )
+    # 1 frame-unit between B = 512 and 1024 (counts at 1024: ceiling 2/(1+N)), then 3 up to
+    # B = inf (ceiling 1); `until` cuts the second stretch to 1 unit
+    n = 4
+    got = trajectory_efficiency_ceiling([0, 1, 4], [512, 1024, float("inf")], 1024, n)
+    assert got == pytest.approx(4 / ((1 + n) / 2 + 3))
+    cut = trajectory_efficiency_ceiling([0, 1, 4], [512, 1024, float("inf")], 1024, n, until=2)
+    assert cut == pytest.approx(2 / ((1 + n) / 2 + 1))

@@ -16,11 +16,14 @@ from modelavg.errors import UsageError
 from modelavg.sweep import (
     TimeModelSpec,
     add_arguments,
+    add_noise_ceilings,
     base_row,
     cell_name,
     frames_to_reach,
+    learning_curve,
     load_grid,
     main,
+    noise_curve,
     pivot_by_workers,
     run_sweep,
     seconds_function,
@@ -270,6 +273,27 @@ def test_speedup_to_accuracy_by_hand():
     assert by_n[2]["sample_efficiency"] == pytest.approx(197.5 / (2 * 125.0))
     assert by_n[4]["frames_to_target"] is None
     assert by_n[4]["speedup"] is None and by_n[4]["efficiency"] is None
+
+
+def test_noise_ceiling_follows_the_reference_run_up_to_its_target():
+    metrics = [
+        {"kind": "start"},
+        {"kind": "epoch", "epoch": 0, "cv_frame_accuracy": 0.2, "noise_scale": 100.0},
+        {"kind": "cv", "frames_per_worker": 100, "cv_frame_accuracy": 0.6, "noise_scale": 400.0},
+        {"kind": "epoch", "epoch": 1, "cv_frame_accuracy": 0.8, "noise_scale": 900.0},
+    ]
+    assert noise_curve(metrics, 200) == ([0.0, 100.0, 200.0], [100.0, 400.0, 900.0])
+    curves = {1: [learning_curve(metrics, 200)], 2: [([0, 150], [0.2, 0.8])]}
+    rows = speedup_to_accuracy(curves, 0.8, lambda n, f: f)  # N = 1 reaches 0.795 at 197.5
+    add_noise_ceilings(rows, [{"noise_curve": noise_curve(metrics, 200), "minibatch": 100}])
+    by_n = {r["workers"]: r for r in rows}
+    assert by_n[1]["ceiling"] == pytest.approx(1.0)
+    # stretches [0, 100) and [100, 197.5) at the larger end point's B: 400 and 900
+    cost = 100 / ((1 + 0.25) / (1 + 0.5)) + 97.5 / ((1 + 1 / 9) / (1 + 2 / 9))
+    assert by_n[2]["ceiling"] == pytest.approx(197.5 / cost)
+    plain = speedup_to_accuracy(curves, 0.8, lambda n, f: f)
+    add_noise_ceilings(plain, [{"noise_curve": ([], []), "minibatch": 100}])
+    assert all("ceiling" not in r for r in plain)  # no noise scale logged: no column
 
 
 def test_paper_time_model_reproduces_calibrated_speedup():
