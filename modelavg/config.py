@@ -107,6 +107,14 @@ class TrainConfig(ParallelOptions):
     max_change: float = opt(
         0.075, "NG-SGD: max parameter change per frame (0 = off)", group="ngsgd"
     )
+    max_change_scaling: str = opt(
+        "none",
+        "NG-SGD: multiply --max-change by the number of workers, as --lr-scaling linear does "
+        "the lr (the paper's code: its max-change ignored the global lr, so the cap grew with "
+        "lr x N)",
+        ("none", "linear"),
+        "ngsgd",
+    )
     ng_reset: str = opt(
         "epoch",
         "NG-SGD: reset the Fisher estimates every epoch (paper) or never",

@@ -272,7 +272,7 @@ def make_replicas(cfg: TrainConfig, comm: Communicator, data: TrainingData) -> l
             Replica(
                 worker,
                 m,
-                build_optimizer(m, cfg),
+                build_optimizer(m, cfg, comm.num_workers),
                 data.train[i],
                 data.cv[i],
                 torch.zeros(3, dtype=torch.float64, device=comm.device),

@@ -12,6 +12,8 @@ from conftest import SMALL, make_data_dir
 
 from modelavg.checkpoint import load_files
 from modelavg.cli import main
+from modelavg.config import TrainConfig
+from modelavg.optim import build_optimizer
 from modelavg.sweep import learning_curve, read_jsonl
 
 
@@ -114,6 +116,21 @@ def test_ngsgd_state_is_per_worker_checkpointed_and_resumes_identically(
     # never averaged: each worker's Fisher estimate comes from its own shard
     assert all(not torch.equal(states[0][k]["in"]["w"], states[1][k]["in"]["w"]) for k in states[0])
     assert same_final_model(out, resume_from(out, "e002-r00004", tmp_path))
+
+
+def test_max_change_scaling_loosens_the_cap_n_fold(data_dir, tmp_path):
+    """A cap that binds: scaling it by N changes 2 workers' training, not 1 worker's."""
+    ng = ["--optimizer", "ngsgd", "--lr", "2.0", "--max-change", "0.001", "--epochs", "1"]
+    for workers in ("1", "2"):
+        for scaling in ("none", "linear"):
+            out = tmp_path / f"w{workers}_{scaling}"
+            args = ["--data", str(data_dir), "--out", str(out), "--in-process"]
+            assert train(*args, "--workers", workers, *ng, "--max-change-scaling", scaling) == 0
+    assert same_final_model(tmp_path / "w1_none", tmp_path / "w1_linear")
+    assert not same_final_model(tmp_path / "w2_none", tmp_path / "w2_linear")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    cfg = TrainConfig(optimizer="ngsgd", max_change=0.1, max_change_scaling="linear")
+    assert build_optimizer(model, cfg, workers=4).max_change == pytest.approx(0.4)
 
 
 def test_cv_every_adds_curve_points_without_changing_training(run3, data_dir, tmp_path):

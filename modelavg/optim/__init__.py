@@ -8,8 +8,9 @@ from torch import nn
 OPTIMIZERS = ("sgd", "ngsgd")
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """The optimiser named by ``cfg.optimizer``; the trainer sets the lr every epoch."""
+def build_optimizer(model: nn.Module, cfg, workers: int) -> torch.optim.Optimizer:
+    """The optimiser named by ``cfg.optimizer`` for one of ``workers`` replicas; the trainer
+    sets the lr every epoch."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer == "ngsgd":
@@ -23,7 +24,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
             update_period=cfg.ng_update_period,
             num_samples_history=cfg.ng_samples_history,
             alpha=cfg.ng_alpha,
-            max_change=cfg.max_change,
+            max_change=cfg.max_change * (workers if cfg.max_change_scaling == "linear" else 1),
             momentum=cfg.momentum,
         )
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
