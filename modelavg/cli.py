@@ -211,7 +211,13 @@ def cmd_prepare_demo(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_prepare_synthetic(args: argparse.Namespace, argv: list[str]) -> int:
     from modelavg.data.synthetic import prepare_synthetic
 
-    prepare_synthetic(args.out, num_utts=args.utts, seed=args.seed, jobs=args.jobs)
+    prepare_synthetic(
+        args.out,
+        num_utts=args.utts,
+        seed=args.seed,
+        jobs=args.jobs,
+        context_classes=args.context_classes,
+    )
     return 0
 
 
@@ -338,6 +344,13 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the text, voice, channel, split")
     p.add_argument("--jobs", type=int, default=2, help="festival processes in parallel")
+    p.add_argument(
+        "--context-classes",
+        type=int,
+        default=0,
+        help="targets: this many classes of tied triphone states, the most frequent ones "
+        "besides every phone state (like the paper's senones); default 0: phone states only",
+    )
     handlers["prepare-synthetic"] = cmd_prepare_synthetic
     p = sub.add_parser(
         "prepare-unlabelled",

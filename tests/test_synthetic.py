@@ -50,6 +50,48 @@ def test_frame_labels_take_the_segment_at_each_frame_centre_and_split_it_into_st
     assert states[-1] == 2  # frame 30 (centre 0.3125 s) is past the end: the last segment
 
 
+def test_frame_contexts_name_the_neighbouring_segments() -> None:
+    segments = [(0.10, "pau"), (0.16, "a"), (0.30, "pau")]
+    contexts = synthetic.frame_contexts(segments, 31)
+    assert (
+        contexts[0] == ("#", "a") and contexts[9] == ("pau", "pau") and contexts[30] == ("a", "#")
+    )
+
+
+def test_tie_states_keeps_the_most_frequent_triphone_states_and_backs_off() -> None:
+    frequent, rare, other = ("pau", "a", "b", 1), ("x", "a", "b", 1), ("a", "b", "pau", 0)
+    train = [frequent] * 5 + [other] * 3 + [rare]
+    classes = synthetic.tie_states(train, [("a", 1), ("b", 0)], 4)
+    assert classes == [("a", 1), ("b", 0), ("a", "b", "pau", 0), ("pau", "a", "b", 1)]
+    kept = {c for c in classes if len(c) == 4}
+    assert synthetic.tied(frequent, kept) == frequent and synthetic.tied(rare, kept) == ("a", 1)
+    assert synthetic.class_name(frequent) == "pau-a+b_1" and synthetic.class_name(("a", 1)) == "a_1"
+    with pytest.raises(UsageError, match="--context-classes 1: fewer than the 2 phone states"):
+        synthetic.tie_states(train, [("a", 1), ("b", 0)], 1)
+
+
+@needs_festival
+def test_context_dependent_targets_refine_the_phone_states(corpus, tmp_path: Path) -> None:
+    out, counts = corpus
+    cd = synthetic.prepare_synthetic(
+        tmp_path, num_utts=NUM_UTTS, jobs=2, progress=False, context_classes=counts["classes"] + 40
+    )
+    assert cd["classes"] == counts["classes"] + 40 and cd["phone_states"] == counts["classes"]
+    class_to_phone, _ = load_class_map(tmp_path)
+    names = (tmp_path / "classes.txt").read_text().split("\n")
+    assert sum("+" in line for line in names) == 40
+    for split in ("train", "cv", "test"):
+        ci, tri = read_corpus(out / split), read_corpus(tmp_path / split)
+        phones = read_labels(tmp_path / split, default_name="phones.scp")
+        assert np.array_equal(ci.feats[ci.utts[0]], tri.feats[ci.utts[0]])  # same audio
+        for utt, y in tri.targets.items():
+            assert (class_to_phone[y].numpy() == phones[utt]).all()
+            kept = y >= counts["classes"]
+            assert (y[~kept] == ci.targets[utt][~kept]).all()  # backed off: the phone state
+    train = read_corpus(tmp_path / "train").targets.values()
+    assert sum(int((y >= counts["classes"]).sum()) for y in train) > 0
+
+
 def test_draws_depend_on_seed_and_index_only() -> None:
     vocab = ["alpha", "beta", "gamma", "delta"]
     assert synthetic.draw_utterance(5, vocab, 0) == synthetic.draw_utterance(5, vocab, 0)

@@ -63,6 +63,38 @@ UTTS_PER_CALL = 40  # sentences per festival process: start-up (~0.3 s) amortise
 SPEAKER = "festival-kal"
 FRAME_SHIFT_S = 0.010
 FRAME_LENGTH_S = 0.025
+UTT_EDGE = "#"  # the phone context before the first and after the last segment
+
+
+def tie_states(
+    train_labels: list[tuple[str, str, str, int]],
+    phone_states: list[tuple[str, int]],
+    num_classes: int,
+) -> list[tuple]:
+    """Context-dependent targets like a GMM-HMM system's tied states, by frequency instead of a
+    decision tree: every (phone, state) is a class (the back-off), and the most frequent
+    (left, phone, right, state) triphone states of ``train_labels`` (ties by name) fill the
+    inventory up to ``num_classes``. A frame whose triphone state was not kept takes its
+    (phone, state): ``tied``."""
+    from collections import Counter
+
+    if num_classes < len(phone_states):
+        raise UsageError(
+            f"--context-classes {num_classes}: fewer than the {len(phone_states)} phone states"
+        )
+    counts = Counter(train_labels)
+    ranked = sorted(counts, key=lambda label: (-counts[label], label))
+    return sorted(phone_states) + sorted(ranked[: num_classes - len(phone_states)])
+
+
+def tied(label: tuple[str, str, str, int], kept: set) -> tuple:
+    """The class of a triphone state: itself if kept by ``tie_states``, else (phone, state)."""
+    return label if label in kept else (label[1], label[3])
+
+
+def class_name(c: tuple) -> str:
+    """``ph_1`` for a phone state, ``l-ph+r_1`` for a triphone state."""
+    return f"{c[0]}_{c[1]}" if len(c) == 2 else f"{c[0]}-{c[1]}+{c[2]}_{c[3]}"
 
 
 @dataclass(frozen=True)
@@ -86,10 +118,20 @@ class Synthesised:
     feats: np.ndarray  # frames x NUM_MEL_BINS
     phones: list[str]  # per frame
     states: np.ndarray  # per frame, 0 .. STATES_PER_PHONE - 1
+    contexts: list[tuple[str, str]]  # per frame: the phones of the segments before and after
 
     def labels(self) -> list[tuple[str, int]]:
         """(phone, state) per frame."""
         return list(zip(self.phones, self.states.tolist(), strict=True))
+
+    def context_labels(self) -> list[tuple[str, str, str, int]]:
+        """(left phone, phone, right phone, state) per frame: a triphone state."""
+        return [
+            (left, p, right, s)
+            for (left, right), p, s in zip(
+                self.contexts, self.phones, self.states.tolist(), strict=True
+            )
+        ]
 
 
 def vocabulary(transcript: Path = ASTERISK_TRANSCRIPT) -> list[str]:
@@ -141,16 +183,25 @@ def read_segments(path: Path) -> list[tuple[float, str]]:
     return segments
 
 
+def frame_segments(segments: list[tuple[float, str]], num_frames: int) -> np.ndarray:
+    """Index of the segment holding each frame's centre; frames past the last segment's end
+    (the analysis window's tail) belong to the last segment."""
+    centres = np.arange(num_frames) * FRAME_SHIFT_S + FRAME_LENGTH_S / 2
+    ends = np.array([end for end, _ in segments])
+    return np.minimum(np.searchsorted(ends, centres, side="right"), len(segments) - 1)
+
+
+def frame_contexts(segments: list[tuple[float, str]], num_frames: int) -> list[tuple[str, str]]:
+    """(phone before, phone after) each frame's segment; ``UTT_EDGE`` at the utterance's ends."""
+    names = [UTT_EDGE] + [p for _, p in segments] + [UTT_EDGE]
+    return [(names[i], names[i + 2]) for i in frame_segments(segments, num_frames).tolist()]
+
+
 def frame_labels(
     segments: list[tuple[float, str]], num_frames: int
 ) -> tuple[list[str], np.ndarray]:
-    """Phone and state per frame: the segment holding the frame's centre, cut into equal states.
-
-    Frames past the last segment's end (the analysis window's tail) belong to the last segment.
-    """
-    centres = np.arange(num_frames) * FRAME_SHIFT_S + FRAME_LENGTH_S / 2
-    ends = np.array([end for end, _ in segments])
-    seg = np.minimum(np.searchsorted(ends, centres, side="right"), len(segments) - 1)
+    """Phone and state per frame: the segment holding the frame's centre, cut into equal states."""
+    seg = frame_segments(segments, num_frames)
     states = np.zeros(num_frames, dtype=np.int64)
     starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
     for s, e in zip(starts, np.r_[starts[1:], num_frames], strict=True):
@@ -182,8 +233,10 @@ def synthesise(utts: list[Utterance]) -> list[Synthesised]:
                 err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 raise UsageError(f"festival failed on utterance {u.utt} ({u.text!r}): {err}")
             feats = fbank(channel(load_audio_16k(str(wav)), u))
-            phones, states = frame_labels(read_segments(lab), len(feats))
-            results.append(Synthesised(u.utt, feats, phones, states))
+            segments = read_segments(lab)
+            phones, states = frame_labels(segments, len(feats))
+            contexts = frame_contexts(segments, len(feats))
+            results.append(Synthesised(u.utt, feats, phones, states, contexts))
     return results
 
 
@@ -223,7 +276,7 @@ def _readme(counts: dict, seed: int) -> str:
 Generated by `modelavg prepare-synthetic` (`modelavg/data/synthetic.py`), seed {seed},
 {counts["utterances"]} sentences. Synthetic speech from one diphone voice: for scale studies,
 not a measure of recognition accuracy on real speech.
-{counts["classes"]} classes ({counts["phones"]} phones x up to {STATES_PER_PHONE} states).
+{counts["classes"]} classes: {_targets(counts)}.
 
 | split | utterances | frames | hours |
 |---|---|---|---|
@@ -243,7 +296,9 @@ not a measure of recognition accuracy on real speech.
 4. Features: {NUM_MEL_BINS}-dim log-mel filterbank as in the demo corpus (kaldi-native-fbank,
    25 ms / 10 ms, no dither). No normalisation is applied.
 5. Targets: a frame takes the phone segment holding its centre; each segment's frames are cut
-   into {STATES_PER_PHONE} equal parts (states 0, 1, 2). Classes: every (phone, state) seen.
+   into {STATES_PER_PHONE} equal parts (states 0, 1, 2). Classes: every (phone, state) seen, and
+   with `--context-classes` the most frequent (left phone, phone, right phone, state) triphone
+   states of the training split up to that many classes; other frames keep their phone state.
 6. Split: utterances permuted with `numpy.random.default_rng({seed})`; 10% `test`, 10% `cv`.
 
 ## Files
@@ -257,14 +312,24 @@ CC-BY-SA-3.0.
 """
 
 
+def _targets(counts: dict) -> str:
+    states = f"{counts['phones']} phones x up to {STATES_PER_PHONE} states"
+    if counts["classes"] == counts["phone_states"]:
+        return states
+    tied_ = counts["classes"] - counts["phone_states"]
+    return f"{counts['phone_states']} phone states ({states}) and {tied_} triphone states"
+
+
 def prepare_synthetic(
     out_dir: str | Path = "data/synthetic",
     num_utts: int = 12000,
     seed: int = 0,
     jobs: int = 2,
     progress: bool = True,
+    context_classes: int = 0,
 ) -> dict:
-    """Synthesise ``num_utts`` sentences into ``out_dir/{train,cv,test}``; return the counts."""
+    """Synthesise ``num_utts`` sentences into ``out_dir/{train,cv,test}``; return the counts.
+    Targets: phone states, or with ``context_classes`` that many tied triphone states."""
     if num_utts < 3:
         raise UsageError(f"--utts must be >= 3 (one per split), got {num_utts}")
     if jobs < 1:
@@ -276,30 +341,41 @@ def prepare_synthetic(
     results = {r.utt: r for r in _run(batches, jobs, progress)}
     texts = {u.utt: u.text for u in utts}
 
+    splits = split_utts(list(results), seed)
     pairs = sorted({label for r in results.values() for label in r.labels()})
-    class_of = {pair: i for i, pair in enumerate(pairs)}
+    if context_classes:
+        train = [x for u in splits["train"] for x in results[u].context_labels()]
+        classes = tie_states(train, pairs, context_classes)
+        kept = {c for c in classes if len(c) == 4}
+        labels = {u: [tied(x, kept) for x in r.context_labels()] for u, r in results.items()}
+    else:
+        classes, labels = pairs, {u: r.labels() for u, r in results.items()}
+    class_of = {c: i for i, c in enumerate(classes)}
     phone_names = sorted({p for p, _ in pairs})
     phone_of = {p: i for i, p in enumerate(phone_names)}
     out = Path(out_dir)
-    counts = {"utterances": num_utts, "vocabulary": len(vocab), "classes": len(pairs),
-              "phones": len(phone_names), "splits": {}}  # fmt: skip
-    for name, names in split_utts(list(results), seed).items():
+    counts = {"utterances": num_utts, "vocabulary": len(vocab), "classes": len(classes),
+              "phones": len(phone_names), "phone_states": len(pairs), "splits": {}}  # fmt: skip
+    for name, names in splits.items():
         group = [results[u] for u in names]
         write_split(
             out / name,
             {r.utt: r.feats for r in group},
-            {r.utt: np.array([class_of[x] for x in r.labels()]) for r in group},
+            {r.utt: np.array([class_of[x] for x in labels[r.utt]]) for r in group},
             {r.utt: np.array([phone_of[p] for p in r.phones]) for r in group},
             texts,
             SPEAKER,
         )
         frames = sum(len(r.feats) for r in group)
         counts["splits"][name] = {"utterances": len(group), "frames": frames}
-    write_lines(out / "classes.txt", (f"{i} {p}_{s} {p}" for i, (p, s) in enumerate(pairs)))
+    write_lines(
+        out / "classes.txt",
+        (f"{i} {class_name(c)} {c[0] if len(c) == 2 else c[1]}" for i, c in enumerate(classes)),
+    )
     write_lines(out / "phones.txt", (f"{i} {p}" for i, p in enumerate(phone_names)))
     (out / "README.md").write_text(_readme(counts, seed), encoding="utf-8")
     sizes = ", ".join(
         f"{k} {v['utterances']} utts {v['frames']} frames" for k, v in counts["splits"].items()
     )
-    print(f"synthetic corpus in {out}: {len(pairs)} classes, {len(phone_names)} phones; {sizes}")
+    print(f"synthetic corpus in {out}: {len(classes)} classes, {len(phone_names)} phones; {sizes}")
     return counts
