@@ -1,18 +1,21 @@
 """Gradient noise scale: how many frames per update a task can use before more stop paying.
 
-Why: N averaged workers of minibatch b can at best make the progress of one worker with
-minibatch N b (averaging after every step *is* that; averaging every K > 1 steps only adds
-drift). Whether that pays depends on the task, not the engine: McCandlish et al. (2018, "An
+Why: N averaged workers of minibatch b make at best the progress of one worker with minibatch
+N b (averaging after every step *is* that; averaging every K > 1 steps adds drift). Whether a
+larger minibatch pays depends on the task, not the engine. McCandlish et al. (2018, "An
 Empirical Model of Large-Batch Training") measure it with the simple noise scale
 
     B = tr(Sigma) / |G|^2        G: the full-data gradient, Sigma: the per-frame gradient covariance
 
-and show that a minibatch of b frames needs S = S_min (1 + B/b) steps and E = E_min (1 + b/B)
-frames to reach a given loss. So N workers of minibatch b, against one, need at least
+and find that a minibatch of b frames needs S = S_min (1 + B/b) steps and E = E_min (1 + b/B)
+frames to reach a given loss. N workers of minibatch b then need (1 + N b/B) / (1 + b/B) times
+the frames of one worker, a sample efficiency of at most
 
-    frames(N) / (N frames(1)) >= ... i.e.  sample efficiency <= (1 + b/B) / (1 + N b/B)
+    efficiency_ceiling = (1 + b/B) / (1 + N b/B)
 
-and that ceiling is also the best parallel efficiency (speedup / N) with free communication.
+which is also the best parallel efficiency (speedup / N) with free communication. It is a model,
+not a theorem: it assumes the best lr at every step and ignores curvature and preconditioning
+(NG-SGD), so a tuned N-worker run can beat a given 1-worker run's ceiling by a little.
 
 Estimate, with the unbiased two-batch-size estimators of McCandlish et al. (appendix A): the
 squared norm of a minibatch gradient of b frames has expectation |G|^2 + tr(Sigma)/b, so from
@@ -104,7 +107,7 @@ def trajectory_efficiency_ceiling(
 
 def flat_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The gradient of the mean cross-entropy over one minibatch, as one flat float64 vector."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     loss = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss, params)
     return torch.cat([g.reshape(-1) for g in grads]).double()
