@@ -227,9 +227,11 @@ def stored_config(cell_dir: Path) -> dict[str, Any] | None:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Options whose value differs between a stored cell and the grid as it is now."""
+    """Options whose value differs between a stored cell and the grid as it is now (an option
+    left out and one spelled out at its default are the same run)."""
     keys = (set(old) | set(new)) - set(IGNORED_IN_COMPARISON)
-    return sorted(k for k in keys if old.get(k) != new.get(k))
+    value = lambda cfg, k: cfg.get(k, default_of(k))  # noqa: E731
+    return sorted(k for k in keys if value(old, k) != value(new, k))
 
 
 def check_unchanged(cell: Cell, cell_dir: Path) -> None:

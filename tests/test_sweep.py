@@ -19,6 +19,7 @@ from modelavg.sweep import (
     add_noise_ceilings,
     base_row,
     cell_name,
+    config_changes,
     frames_to_reach,
     learning_curve,
     load_grid,
@@ -249,6 +250,13 @@ def test_frames_to_reach_interpolates():
     assert frames_to_reach(frames, acc, 0.5) == pytest.approx(100.0)
     assert frames_to_reach(frames, acc, 0.05) == 0.0
     assert frames_to_reach(frames, acc, 0.71) is None
+
+
+def test_a_changed_option_is_a_change_and_a_spelled_out_default_is_not():
+    assert config_changes({"lr": 0.5, "workers": 2}, {"workers": 2}) == []  # 0.5: the default
+    assert config_changes({"max_change": 0.075}, {}) == []
+    assert config_changes({"lr": 1.0}, {"lr": 2.0}) == ["lr"]
+    assert config_changes({}, {"max_change": 0.3, "progress": False}) == ["max_change"]
 
 
 def test_speedup_to_accuracy_by_hand():
