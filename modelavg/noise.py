@@ -26,6 +26,11 @@ M gradients of b frames and their mean (one gradient of M b frames)
 
 each averaged over repeats before the ratio is taken (the ratio of means, as the paper does).
 
+NG-SGD steps along P g, not g (P per layer: the Kronecker product of its two preconditioners,
+times γ_in γ_out). Assuming, as natural gradient does, that P approximates the inverse curvature,
+the same model holds with B_P = tr(P Sigma) / (G' P G): the estimators above applied to the
+gradients seen through P^½ (``natural_gradient_metric``).
+
 Example::
 
     est = estimate_noise_scale(model, table, context=5, small_batch=256, batches=16)
@@ -36,6 +41,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,12 +111,59 @@ def trajectory_efficiency_ceiling(
     return (end - frames[0]) / cost
 
 
-def flat_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The gradient of the mean cross-entropy over one minibatch, as one flat float64 vector."""
-    params = list(model.parameters())
-    loss = F.cross_entropy(model(x), y)
-    grads = torch.autograd.grad(loss, params)
+Metric = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+"""Maps the per-parameter gradients (in ``model.parameters()`` order) to one flat vector."""
+
+
+def euclidean(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The gradients as they are: plain SGD's metric."""
     return torch.cat([g.reshape(-1) for g in grads]).double()
+
+
+def natural_gradient_metric(model: nn.Module, preconditioners: dict) -> Metric:
+    """NG-SGD's metric: for each preconditioned ``nn.Linear`` of ``model`` (``NGSGD.
+    preconditioners()`` of a model with the same layer names), its gradient [dW | db] becomes
+
+        sqrt(γ_in γ_out) (β_out G_out⁻¹)^½ [dW | db] (β_in G_in⁻¹)^½
+
+    (γ: each side's ``expected_gamma``), other parameters stay as they are. The estimates are
+    read, never updated; they must be initialised (one training step)."""
+    names = [name for name, _ in model.named_parameters()]
+    layers = {}  # index of the weight -> (index of the bias or None, pre_in, pre_out, scale)
+    for name, (pre_in, pre_out) in preconditioners.items():
+        if not (pre_in.initialized or pre_in.rank == 0):
+            raise ValueError(f"layer {name!r}: NG-SGD estimates not initialised yet")
+        bias = f"{name}.bias"
+        scale = math.sqrt(pre_in.expected_gamma() * pre_out.expected_gamma())
+        layers[names.index(f"{name}.weight")] = (
+            names.index(bias) if bias in names else None,
+            pre_in,
+            pre_out,
+            scale,
+        )
+    biases = {b for b, *_ in layers.values() if b is not None}
+
+    def metric(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for i, g in enumerate(grads):
+            if i in biases:
+                continue
+            if i not in layers:
+                parts.append(g.reshape(-1).double())
+                continue
+            b, pre_in, pre_out, scale = layers[i]
+            full = g if b is None else torch.cat([g, grads[b][:, None]], dim=1)  # O x (I+1)
+            z = pre_out.metric_sqrt(pre_in.metric_sqrt(full).T).T
+            parts.append(scale * z.reshape(-1))
+        return torch.cat(parts)
+
+    return metric
+
+
+def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradients of the mean cross-entropy over one minibatch, per parameter."""
+    loss = F.cross_entropy(model(x), y)
+    return torch.autograd.grad(loss, list(model.parameters()))
 
 
 def estimate_noise_scale(
@@ -124,6 +177,23 @@ def estimate_noise_scale(
 ) -> NoiseScale:
     """McCandlish's B_simple at ``model``'s parameters on ``table``'s frames: ``repeats`` times,
     ``batches`` gradients of ``small_batch`` random frames and their mean (see the module doc)."""
+    metrics = {"sgd": euclidean}
+    return estimate_noise_scales(
+        model, table, context, metrics, small_batch, batches, repeats, seed
+    )["sgd"]
+
+
+def estimate_noise_scales(
+    model: nn.Module,
+    table: FrameTable,
+    context: int,
+    metrics: dict[str, Metric],
+    small_batch: int = SMALL_BATCH,
+    batches: int = BATCHES,
+    repeats: int = REPEATS,
+    seed: int = 0,
+) -> dict[str, NoiseScale]:
+    """``estimate_noise_scale`` in each of ``metrics`` at once, from the same gradients."""
     big = small_batch * batches
     if batches < 2 or small_batch < 1 or repeats < 1:
         raise UsageError("noise scale: need --batches >= 2, --small-batch >= 1, --repeats >= 1")
@@ -136,27 +206,37 @@ def estimate_noise_scale(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    grad_sq, trace_cov = [], []
+    grad_sq = {name: [] for name in metrics}
+    trace_cov = {name: [] for name in metrics}
     for _ in range(repeats):
         idx = torch.randperm(len(table), generator=generator)[:big]
-        total, small_sq = None, 0.0
+        total = dict.fromkeys(metrics)
+        small_sq = dict.fromkeys(metrics, 0.0)
         for chunk in idx.split(small_batch):
             x, y = table.minibatch(chunk.to(table.feats.device), context)
-            g = flat_gradient(model, x.to(device), y.to(device))
-            small_sq += float(g @ g) / batches
-            total = g if total is None else total + g
-        mean = total / batches
-        big_sq = float(mean @ mean)
-        grad_sq.append((big * big_sq - small_batch * small_sq) / (big - small_batch))
-        trace_cov.append((small_sq - big_sq) / (1 / small_batch - 1 / big))
+            grads = gradients(model, x.to(device), y.to(device))
+            for name, metric in metrics.items():
+                g = metric(grads)
+                small_sq[name] += float(g @ g) / batches
+                total[name] = g if total[name] is None else total[name] + g
+        for name in metrics:
+            mean = total[name] / batches
+            big_sq = float(mean @ mean)
+            grad_sq[name].append(
+                (big * big_sq - small_batch * small_sq[name]) / (big - small_batch)
+            )
+            trace_cov[name].append((small_sq[name] - big_sq) / (1 / small_batch - 1 / big))
     model.train(was_training)
-    return NoiseScale(
-        grad_sq=sum(grad_sq) / repeats,
-        trace_cov=sum(trace_cov) / repeats,
-        noise_scale=ratio_of_means(trace_cov, grad_sq),
-        stderr=jackknife_stderr(trace_cov, grad_sq),
-        frames=big * repeats,
-    )
+    return {
+        name: NoiseScale(
+            grad_sq=sum(grad_sq[name]) / repeats,
+            trace_cov=sum(trace_cov[name]) / repeats,
+            noise_scale=ratio_of_means(trace_cov[name], grad_sq[name]),
+            stderr=jackknife_stderr(trace_cov[name], grad_sq[name]),
+            frames=big * repeats,
+        )
+        for name in metrics
+    }
 
 
 def ratio_of_means(num: list[float], den: list[float]) -> float:

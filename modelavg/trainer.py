@@ -34,8 +34,14 @@ from modelavg.errors import UsageError
 from modelavg.evaluate import frame_stats, summary
 from modelavg.guard import DivergenceGuard
 from modelavg.model import DNN, save_model
-from modelavg.noise import NOISE_FRAMES, estimate_noise_scale
+from modelavg.noise import (
+    NOISE_FRAMES,
+    estimate_noise_scales,
+    euclidean,
+    natural_gradient_metric,
+)
 from modelavg.optim import build_optimizer, set_lr
+from modelavg.optim.ngsgd import NGSGD
 from modelavg.optim.schedules import SCHEDULES, Schedule
 
 
@@ -431,15 +437,22 @@ def log_cv(run: Run, round_: int) -> None:
 
 def noise_fields(run: Run) -> dict:
     """With --noise-scale: the gradient noise scale of the first worker's model on its shard
-    (the main process only; the models are equal after averaging). Its own random draws, so
-    training is unchanged."""
+    (the main process only; the models are equal after averaging), and with NG-SGD, once its
+    estimates exist, the same in NG-SGD's metric (``noise_scale_ng``). Its own random draws,
+    so training is unchanged."""
     if not (run.cfg.noise_scale and run.comm.is_main):
         return {}
     replica = run.replicas[0]
     model = DNN(replica.model.spec).to(run.comm.device)  # a copy without the optimiser's hooks
     model.load_state_dict(replica.model.state_dict())
-    est = estimate_noise_scale(model, replica.train, run.cfg.context, seed=run.cfg.seed)
-    return {"noise_scale": est.noise_scale, "noise_stderr": est.stderr}
+    metrics = {"": euclidean}
+    if isinstance(replica.optimizer, NGSGD) and replica.optimizer.estimates_ready:
+        metrics["_ng"] = natural_gradient_metric(model, replica.optimizer.preconditioners())
+    ests = estimate_noise_scales(model, replica.train, run.cfg.context, metrics, seed=run.cfg.seed)
+    fields = {}
+    for suffix, est in ests.items():
+        fields |= {f"noise_scale{suffix}": est.noise_scale, f"noise_stderr{suffix}": est.stderr}
+    return fields
 
 
 def log_round(run: Run, round_: int, bar: tqdm) -> None:

@@ -438,3 +438,28 @@ def test_cuda_steps_match_cpu() -> None:
     assert all(
         pre.state_dict()["w"].is_cuda for pair in opt_gpu.preconditioners().values() for pre in pair
     )
+
+
+def test_metric_sqrt_squares_to_the_preconditioner_and_gamma_is_as_expected() -> None:
+    """(β G⁻¹)^½ twice is the map P = β R G⁻¹ (read-only); rows drawn from the estimated
+    Fisher F get the γ that expected_gamma predicts."""
+    sample, _ = _covariance_sampler(60, [50.0, 30.0, 20.0, 10.0, 5.0])
+    ong = OnlineNaturalGradient(60, 8, num_samples_history=200.0)
+    for _ in range(25):
+        ong.precondition(sample(32))
+    frozen = copy.deepcopy(ong)
+    x = sample(32)
+    twice = ong.metric_sqrt(ong.metric_sqrt(x))
+    p, _ = ong.precondition_unscaled(x)
+    torch.testing.assert_close(twice, p, rtol=1e-10, atol=1e-10)
+
+    basis = frozen.basis()
+    f = basis.T @ torch.diag(frozen.d) @ basis + frozen.rho * torch.eye(60, dtype=F64)
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(20000, 60, generator=g, dtype=F64) @ torch.linalg.cholesky(f).T
+    expected = frozen.expected_gamma()
+    assert float(frozen.precondition_parts(rows).gamma) == pytest.approx(expected, rel=0.02)
+    assert expected > 1.0  # P shrinks the rows it preconditions
+
+    identity = OnlineNaturalGradient(5, 0)
+    assert torch.equal(identity.metric_sqrt(x[:, :5]), x[:, :5]) and identity.expected_gamma() == 1

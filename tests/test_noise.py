@@ -1,6 +1,7 @@
 """Gradient noise scale: the estimator against exact per-frame gradients, the ceiling formulas,
 and the ``noise-scale`` command."""
 
+import copy
 import json
 
 import numpy as np
@@ -15,11 +16,15 @@ from modelavg.model import DNN, DNNSpec, save_model
 from modelavg.noise import (
     efficiency_ceiling,
     estimate_noise_scale,
-    flat_gradient,
+    estimate_noise_scales,
+    euclidean,
+    gradients,
+    natural_gradient_metric,
     noise_scale_needed,
     trajectory_efficiency_ceiling,
     workers_at_half_efficiency,
 )
+from modelavg.optim.ngsgd import NGSGD
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +38,13 @@ def noisy_problem(tmp_path_factory):
     return data, table, model
 
 
-def exact_noise_scale(model, table) -> tuple[float, float]:
+def exact_noise_scale(model, table, metric=euclidean) -> tuple[float, float]:
     """|G|^2 and tr(Sigma) from every frame's own gradient (the population, no sampling)."""
     grads = torch.stack(
-        [flat_gradient(model, *table.minibatch(torch.tensor([t]), 0)) for t in range(len(table))]
+        [
+            metric(gradients(model, *table.minibatch(torch.tensor([t]), 0)))
+            for t in range(len(table))
+        ]
     )
     mean = grads.mean(0)
     return float(mean @ mean), float(((grads - mean) ** 2).sum(1).mean())
@@ -52,6 +60,64 @@ def test_estimate_matches_the_exact_noise_scale(noisy_problem):
     assert est.grad_sq == pytest.approx(grad_sq, rel=0.2)
     assert est.noise_scale == pytest.approx(trace_cov / grad_sq, rel=0.2)
     assert 0 < est.stderr < 0.2 * est.noise_scale
+
+
+def trained_ngsgd(model, table, steps: int = 12) -> tuple[DNN, NGSGD]:
+    """A copy of ``model`` after ``steps`` NG-SGD steps, and its optimiser."""
+    model = copy.deepcopy(model)
+    opt = NGSGD(model, lr=0.05, rank_in=2, rank_out=2)
+    assert not opt.estimates_ready
+    for i in range(steps):
+        x, y = table.minibatch(torch.arange(64 * i, 64 * (i + 1)), 0)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.estimates_ready
+    return model, opt
+
+
+def test_natural_gradient_metric_matches_dense_preconditioners(noisy_problem):
+    _, table, model = noisy_problem
+    with pytest.raises(ValueError, match="not initialised"):
+        natural_gradient_metric(model, NGSGD(copy.deepcopy(model), lr=0.1).preconditioners())
+    trained, opt = trained_ngsgd(model, table)
+    plain = DNN(trained.spec)
+    plain.load_state_dict(trained.state_dict())
+    grads = dict(
+        zip(
+            [n for n, _ in plain.named_parameters()],
+            gradients(plain, *table.minibatch(torch.arange(100), 0)),
+            strict=True,
+        )
+    )
+
+    def dense_sqrt(pre):
+        vals, vecs = torch.linalg.eigh(pre.beta * torch.linalg.inv(pre.smoothed_fisher()))
+        return vecs @ torch.diag(vals.sqrt()) @ vecs.T
+
+    expected = []
+    for name, (pre_in, pre_out) in opt.preconditioners().items():
+        full = torch.cat([grads[f"{name}.weight"], grads[f"{name}.bias"][:, None]], 1).double()
+        scale = (pre_in.expected_gamma() * pre_out.expected_gamma()) ** 0.5
+        expected.append(scale * (dense_sqrt(pre_out) @ full @ dense_sqrt(pre_in)).reshape(-1))
+    metric = natural_gradient_metric(plain, opt.preconditioners())
+    torch.testing.assert_close(metric(tuple(grads.values())), torch.cat(expected))
+
+
+def test_noise_scale_in_the_natural_gradient_metric(noisy_problem):
+    """Both metrics from the same draws: the Euclidean one is estimate_noise_scale's, the NG one
+    matches its exact per-frame value."""
+    _, table, model = noisy_problem
+    trained, opt = trained_ngsgd(model, table)
+    plain = DNN(trained.spec)
+    plain.load_state_dict(trained.state_dict())
+    metric = natural_gradient_metric(plain, opt.preconditioners())
+    draws = {"small_batch": 8, "batches": 8, "repeats": 150, "seed": 1}
+    both = estimate_noise_scales(plain, table, 0, {"sgd": euclidean, "ng": metric}, **draws)
+    assert both["sgd"] == estimate_noise_scale(plain, table, 0, **draws)
+    grad_sq, trace_cov = exact_noise_scale(plain, table, metric)
+    assert both["ng"].noise_scale == pytest.approx(trace_cov / grad_sq, rel=0.2)
+    assert both["ng"].noise_scale != pytest.approx(both["sgd"].noise_scale, rel=1e-3)
 
 
 def test_identical_frames_have_no_noise():
@@ -116,6 +182,8 @@ def test_train_logs_the_noise_scale_without_changing_training(tmp_path, capsys):
     noisy = [r for r in records if r["kind"] in ("epoch", "cv")]
     assert len(noisy) >= 4 and all(r["noise_scale"] > 0 for r in noisy)  # epoch 0 included
     assert noisy[0]["epoch"] == 0
+    # in NG-SGD's metric from the first validation after a step on
+    assert "noise_scale_ng" not in noisy[0] and all(r["noise_scale_ng"] > 0 for r in noisy[1:])
     plain, noise = (torch.load(runs[k] / "final.pt")["state_dict"] for k in ("plain", "noise"))
     assert all(torch.equal(plain[k], noise[k]) for k in plain)
     small = tmp_path / "small"

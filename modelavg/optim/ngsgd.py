@@ -147,6 +147,33 @@ class OnlineNaturalGradient:
         eye = torch.eye(self.dim, **_CPU64)
         return x.T @ (self._d[:, None] * x) + self.beta * eye
 
+    def metric_sqrt(self, a: Tensor) -> Tensor:
+        """The rows of ``a`` (..×D) times (β G⁻¹)^½ = I - Xᵀ diag(1 - sqrt(β/(d+β))) X.
+
+        β G⁻¹ is the linear map P = R (β G⁻¹) applies to each row before γ; its square root lets
+        gradients be measured in the metric NG-SGD steps in (``modelavg.noise``). Read-only:
+        the estimate is not updated. Identity for rank 0.
+        """
+        if self.rank == 0:
+            return a
+        x = self.basis().to(device=a.device, dtype=torch.float64)
+        c = 1.0 - (self.beta / (self._d + self.beta)).sqrt().to(x)
+        a64 = a.to(torch.float64)
+        return a64 - ((a64 @ x.T) * c) @ x
+
+    def expected_gamma(self) -> float:
+        """γ for rows whose second moment is the estimated Fisher F = Xᵀ diag(d+ρ) X + ρ(I - XᵀX):
+        γ² = tr F / tr(M F M) with M = β G⁻¹ (eigenvalues β/(d+β) on the subspace, 1 off it).
+        Read-only; 1 for rank 0."""
+        if self.rank == 0:
+            return 1.0
+        self._require_init()
+        d, rho, beta = self._d, self._rho, self.beta
+        off = rho * (self.dim - self.rank)
+        trace_f = float((d + rho).sum()) + off
+        trace_mfm = float(((beta / (d + beta)).square() * (d + rho)).sum()) + off
+        return math.sqrt(trace_f / trace_mfm)
+
     def _require_init(self) -> None:
         if self._w is None:
             raise RuntimeError("OnlineNaturalGradient has no estimate yet: call precondition first")
@@ -522,6 +549,16 @@ class NGSGD(torch.optim.Optimizer):
         for layer in self._layers:
             layer.pre_in.reset()
             layer.pre_out.reset()
+
+    @property
+    def estimates_ready(self) -> bool:
+        """Whether every preconditioner has its estimate (after the first step; after a reset
+        not until the next)."""
+        return self.precondition and all(
+            pre.initialized or pre.rank == 0
+            for layer in self._layers
+            for pre in (layer.pre_in, layer.pre_out)
+        )
 
     def preconditioners(self) -> dict[str, tuple[OnlineNaturalGradient, OnlineNaturalGradient]]:
         """{layer name: (input-side, output-side)} preconditioners."""
