@@ -73,6 +73,10 @@ KEY_OPTIONS = (
 RANDOM_INIT = ("random", "none")
 INFEASIBLE = "exceeds the smallest shard"  # the trainer's message when K*B > a worker's shard
 PAPER_DROP = 0.005
+NOISE_CEILINGS = (  # (metrics.jsonl key, run summary key, speedup row key, column title)
+    ("noise_scale", "noise_curve", "ceiling", "ceiling (noise scale)"),
+    ("noise_scale_ng", "noise_curve_ng", "ceiling_ng", "ceiling (NG metric)"),
+)
 
 
 # -- the grid file ---------------------------------------------------------------------------
@@ -332,13 +336,18 @@ def learning_curve(metrics: list[dict], frames_per_epoch: int) -> tuple[list[flo
     return frames, acc
 
 
-def noise_curve(metrics: list[dict], frames_per_epoch: int) -> tuple[list[float], list[float]]:
-    """(frames per worker, gradient noise scale) where the run logged one (``noise_scale``)."""
+def noise_curve(
+    metrics: list[dict], frames_per_epoch: int, key: str = "noise_scale"
+) -> tuple[list[float], list[float]]:
+    """(frames per worker, gradient noise scale) where the run logged one (``key``). A curve
+    that starts late (``noise_scale_ng``: NG-SGD has no estimates before its first step) starts
+    at frame 0 with its first value, which is what the ceiling's larger-end-point rule counts
+    for that stretch while B grows."""
     points = [
-        (f, float(m["noise_scale"]))
-        for f, m in validation_points(metrics, frames_per_epoch)
-        if "noise_scale" in m
+        (f, float(m[key])) for f, m in validation_points(metrics, frames_per_epoch) if key in m
     ]
+    if points and points[0][0] > 0:
+        points.insert(0, (0.0, points[0][1]))
     return [f for f, _ in points], [b for _, b in points]
 
 
@@ -386,7 +395,7 @@ def cell_result(cell_dir: Path) -> dict[str, Any]:
             f"{100 * a:.2f}" for f, a in zip(frames, acc, strict=True) if f % per_epoch == 0
         ),
         "curve": (frames, acc),
-        "noise_curve": noise_curve(metrics, per_epoch),
+        **{curve: noise_curve(metrics, per_epoch, key) for key, curve, _, _ in NOISE_CEILINGS},
     }
 
 
@@ -943,20 +952,25 @@ def write_speedup(grid: Grid, out: Path, rows: list[dict]) -> str:
 def add_noise_ceilings(result: list[dict], ones: list[dict]) -> None:
     """With the 1-worker reference run's noise scale logged (``noise_scale: true``): each N's
     best sample efficiency along that run up to the target (``noise.trajectory_efficiency_
-    ceiling``), to set beside the measured one."""
+    ceiling``), to set beside the measured one; in NG-SGD's metric too where it was logged."""
     from modelavg.noise import trajectory_efficiency_ceiling
 
     first = next(r for r in result if r["workers"] == 1)
     if first["run"] is None:
         return
     ref = ones[first["run"]]
-    frames, scales = ref.get("noise_curve") or ([], [])
-    if len(frames) < 2 or frames[0] >= first["frames_to_target"]:
-        return
-    for row in result:
-        row["ceiling"] = trajectory_efficiency_ceiling(
-            frames, scales, int(ref["minibatch"]), row["workers"], until=first["frames_to_target"]
-        )
+    for _, curve, column, _ in NOISE_CEILINGS:
+        frames, scales = ref.get(curve) or ([], [])
+        if len(frames) < 2 or frames[0] >= first["frames_to_target"]:
+            continue
+        for row in result:
+            row[column] = trajectory_efficiency_ceiling(
+                frames,
+                scales,
+                int(ref["minibatch"]),
+                row["workers"],
+                until=first["frames_to_target"],
+            )
 
 
 def fmt(value: float | None, pattern: str, missing: str = "not reached") -> str:
@@ -965,7 +979,7 @@ def fmt(value: float | None, pattern: str, missing: str = "not reached") -> str:
 
 def speedup_table(title: str, result: list[dict], used: dict) -> str:
     paper = paper_speedups()
-    ceilings = any("ceiling" in r for r in result)
+    ceilings = [(key, title) for _, _, key, title in NOISE_CEILINGS if key in result[0]]
     lk = used["link"]
     lines = [
         f"### {title}",
@@ -981,10 +995,10 @@ def speedup_table(title: str, result: list[dict], used: dict) -> str:
         + f", parallel overhead {used['overhead']:.3g}.",
         "",
         "| N | run | frames/worker to target | sample efficiency "
-        + ("| ceiling (noise scale) " if ceilings else "")
+        + "".join(f"| {title} " for _, title in ceilings)
         + "| time-only efficiency | modelled time (s) | speedup | efficiency | paper speedup "
         "| paper efficiency |",
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ceilings else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(ceilings),
     ]
     for r in result:
         n = r["workers"]
@@ -992,7 +1006,7 @@ def speedup_table(title: str, result: list[dict], used: dict) -> str:
         lines.append(
             f"| {n} | {r.get('run_label') or '-'} | {fmt(r['frames_to_target'], '.0f')} "
             f"| {fmt(r['sample_efficiency'], '.1%', '-')} "
-            + (f"| {fmt(r.get('ceiling'), '.1%', '-')} " if ceilings else "")
+            + "".join(f"| {fmt(r.get(key), '.1%', '-')} " for key, _ in ceilings)
             + f"| {fmt(time_only(r), '.1%', '-')} | {fmt(r['time_s'], '.4g', '-')} "
             f"| {fmt(r['speedup'], '.2f', '-')} | {fmt(r['efficiency'], '.1%', '-')} "
             f"| {f'{p[0]:.2f}' if p else '-'} | {f'{p[1]:.1%}' if p else '-'} |"
@@ -1028,7 +1042,8 @@ def speedup_markdown(grid: Grid, tables: list[str]) -> str:
         "overheads cost at this K and minibatch. Where the reference run logged its gradient "
         "noise scale (`noise_scale: true`), the ceiling column is the best sample efficiency "
         "any N-worker run could have had along it (`modelavg.noise`: N workers acting like one "
-        "minibatch N times larger, McCandlish et al. 2018). "
+        "minibatch N times larger, McCandlish et al. 2018); with NG-SGD a second one measures "
+        "the noise scale in NG-SGD's own metric. "
         "The paper's columns are its time-only figures (equal epochs, "
         "K=10, B=1024, brief §4.1): 58% efficiency at N=16 and 52% at N=32.",
         "",

@@ -14,6 +14,7 @@ from conftest import make_data_dir
 from modelavg import timemodel as tm
 from modelavg.errors import UsageError
 from modelavg.sweep import (
+    TIME_MODEL_PRESETS,
     TimeModelSpec,
     add_arguments,
     add_noise_ceilings,
@@ -28,6 +29,7 @@ from modelavg.sweep import (
     pivot_by_workers,
     run_sweep,
     seconds_function,
+    speedup_table,
     speedup_to_accuracy,
     time_only,
 )
@@ -287,21 +289,36 @@ def test_noise_ceiling_follows_the_reference_run_up_to_its_target():
     metrics = [
         {"kind": "start"},
         {"kind": "epoch", "epoch": 0, "cv_frame_accuracy": 0.2, "noise_scale": 100.0},
-        {"kind": "cv", "frames_per_worker": 100, "cv_frame_accuracy": 0.6, "noise_scale": 400.0},
-        {"kind": "epoch", "epoch": 1, "cv_frame_accuracy": 0.8, "noise_scale": 900.0},
+        {"kind": "cv", "frames_per_worker": 100, "cv_frame_accuracy": 0.6, "noise_scale": 400.0}
+        | {"noise_scale_ng": 900.0},  # NG-SGD's metric: not before the first step
+        {"kind": "epoch", "epoch": 1, "cv_frame_accuracy": 0.8, "noise_scale": 900.0}
+        | {"noise_scale_ng": 1e12},
     ]
     assert noise_curve(metrics, 200) == ([0.0, 100.0, 200.0], [100.0, 400.0, 900.0])
+    ng = noise_curve(metrics, 200, "noise_scale_ng")
+    assert ng == ([0.0, 100.0, 200.0], [900.0, 900.0, 1e12])  # starts at frame 0
     curves = {1: [learning_curve(metrics, 200)], 2: [([0, 150], [0.2, 0.8])]}
     rows = speedup_to_accuracy(curves, 0.8, lambda n, f: f)  # N = 1 reaches 0.795 at 197.5
-    add_noise_ceilings(rows, [{"noise_curve": noise_curve(metrics, 200), "minibatch": 100}])
+    ref = {"noise_curve": noise_curve(metrics, 200), "noise_curve_ng": ng, "minibatch": 100}
+    add_noise_ceilings(rows, [ref])
     by_n = {r["workers"]: r for r in rows}
     assert by_n[1]["ceiling"] == pytest.approx(1.0)
     # stretches [0, 100) and [100, 197.5) at the larger end point's B: 400 and 900
     cost = 100 / ((1 + 0.25) / (1 + 0.5)) + 97.5 / ((1 + 1 / 9) / (1 + 2 / 9))
     assert by_n[2]["ceiling"] == pytest.approx(197.5 / cost)
+    # NG metric: B = 900 up to frame 100, then ~no noise-limited loss (ceiling ~1)
+    assert by_n[2]["ceiling_ng"] == pytest.approx(197.5 / (100 / (10 / 11) + 97.5), rel=1e-6)
+    cell = {"minibatch": 100, "avg_every": 1, "parameters": 1000, "step_s": 0.01}
+    used = seconds_function(
+        TIME_MODEL_PRESETS["paper"], [cell | {"frames_per_worker_epoch": 200}], None
+    )[1]
+    table = speedup_table("t", rows, used)
+    assert "| ceiling (noise scale) | ceiling (NG metric) |" in table
+    assert f"| {by_n[2]['ceiling']:.1%} | {by_n[2]['ceiling_ng']:.1%} |" in table
     plain = speedup_to_accuracy(curves, 0.8, lambda n, f: f)
     add_noise_ceilings(plain, [{"noise_curve": ([], []), "minibatch": 100}])
     assert all("ceiling" not in r for r in plain)  # no noise scale logged: no column
+    assert "ceiling" not in speedup_table("t", plain, used)
 
 
 def test_paper_time_model_reproduces_calibrated_speedup():
