@@ -113,7 +113,9 @@ def test_reports_and_plots(sweep):
     for name in [*PNGS, "speedup.md"]:
         assert (out / name).stat().st_size > 0, name
     speedup = (out / "speedup.md").read_text()
-    assert "| 1 |" in speedup and "| 2 |" in speedup and "58.3%" not in speedup  # only N in grid
+    assert "| 1 |" in speedup and "| 2 |" in speedup
+    assert "| 4 |" not in speedup and "| 16 |" not in speedup  # only the grid's N (the paper
+    # has 1-32); not "58.3%" (its N=16 efficiency): a measured efficiency can print the same
     assert "| N | run |" in speedup
     assert not (out / "workers=2,avg_every=2" / "stale.txt").exists()  # restarted cleanly
 
