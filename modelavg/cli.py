@@ -170,18 +170,20 @@ def cmd_noise_scale(args: argparse.Namespace, argv: list[str]) -> int:
     for path in args.model:
         model = load_model(path)
         _, table = read_labelled_table(model, args.data, args.feats, args.targets)
-        est = noise.estimate_noise_scale(
-            model,
-            table,
-            model.spec.context,
-            small_batch=args.small_batch,
-            batches=args.batches,
-            repeats=args.repeats,
-            seed=args.seed,
+        context = model.spec.context
+        metrics = {"euclidean": noise.euclidean}
+        if args.ngsgd:
+            metrics["ngsgd"] = noise.warmed_natural_gradient_metric(
+                model, table, context, args.minibatch, args.ng_warmup, args.seed
+            )
+        draws = {"small_batch": args.small_batch, "batches": args.batches}
+        ests = noise.estimate_noise_scales(
+            model, table, context, metrics, **draws, repeats=args.repeats, seed=args.seed
         )
-        results.append(noise.report(path, est, args.minibatch, args.workers))
-        if not args.json:
-            print(noise.format_report(results[-1]), flush=True)
+        for metric, est in ests.items():
+            results.append(noise.report(path, est, args.minibatch, args.workers, metric))
+            if not args.json:
+                print(noise.format_report(results[-1]), flush=True)
     if args.json:
         print(json.dumps(results))
     return 0
@@ -296,9 +298,22 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
     p.add_argument(
         "--repeats", type=int, default=noise.REPEATS, help="big gradients (for the error)"
     )
+    p.add_argument(
+        "--ngsgd",
+        action="store_true",
+        help="also in NG-SGD's metric (Fisher estimates warmed on the data, default ranks)",
+    )
+    p.add_argument(
+        "--ng-warmup",
+        type=int,
+        default=noise.NG_WARMUP,
+        help="minibatches of --minibatch frames that warm NG-SGD's estimates",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the frame draws")
     p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument("--json", action="store_true", help="print one JSON list, one entry per model")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON list, one entry per model and metric"
+    )
     handlers["noise-scale"] = cmd_noise_scale
 
     p = sub.add_parser(

@@ -40,6 +40,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from modelavg.errors import UsageError
 
 SMALL_BATCH, BATCHES, REPEATS = 256, 16, 8  # 8 gradients of 4096 frames, each from 16 of 256
 NOISE_FRAMES = SMALL_BATCH * BATCHES  # the fewest frames an estimate can draw from
+NG_WARMUP = 50  # minibatches that warm NG-SGD's estimates for a model saved without them
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,34 @@ def natural_gradient_metric(model: nn.Module, preconditioners: dict) -> Metric:
     return metric
 
 
+def warmed_natural_gradient_metric(
+    model: nn.Module,
+    table: FrameTable,
+    context: int,
+    minibatch: int,
+    steps: int = NG_WARMUP,
+    seed: int = 0,
+) -> Metric:
+    """NG-SGD's metric at ``model`` where no optimiser state was saved (a model file): Fisher
+    estimates of the trainer's default ranks, warmed on ``steps`` random minibatches of
+    ``table`` by NG-SGD steps of lr 0, which update the estimates and leave the weights."""
+    from modelavg.optim.ngsgd import NGSGD
+
+    if steps < 1:
+        raise UsageError(f"noise scale: --ng-warmup must be >= 1, got {steps}")
+    work = copy.deepcopy(model)
+    opt = NGSGD(work, lr=0.0, max_change=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    for _ in range(steps):
+        idx = torch.randint(len(table), (minibatch,), generator=generator)
+        x, y = table.minibatch(idx.to(table.feats.device), context)
+        opt.zero_grad()
+        F.cross_entropy(work(x.to(device)), y.to(device)).backward()
+        opt.step()
+    return natural_gradient_metric(model, opt.preconditioners())
+
+
 def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The gradients of the mean cross-entropy over one minibatch, per parameter."""
     loss = F.cross_entropy(model(x), y)
@@ -257,11 +287,14 @@ def jackknife_stderr(num: list[float], den: list[float]) -> float:
     return math.sqrt((n - 1) / n * sum((v - mean) ** 2 for v in loo))
 
 
-def report(name: str, est: NoiseScale, minibatch: int, workers: list[int]) -> dict:
+def report(
+    name: str, est: NoiseScale, minibatch: int, workers: list[int], metric: str = "euclidean"
+) -> dict:
     """The estimate and its efficiency ceilings, as one JSON-able dict."""
     ceiling = {n: efficiency_ceiling(est.noise_scale, minibatch, n) for n in workers}
     return {
         "model": name,
+        "metric": metric,
         "noise_scale": est.noise_scale,
         "stderr": est.stderr,
         "grad_sq": est.grad_sq,
@@ -279,7 +312,9 @@ def format_report(r: dict) -> str:
     effs = " ".join(f"{100 * e:5.1f}%" for e in ceiling.values())
     return "\n".join(
         [
-            f"{r['model']}: gradient noise scale {r['noise_scale']:,.0f} frames "
+            f"{r['model']}: gradient noise scale"
+            + (" in NG-SGD's metric" if r["metric"] == "ngsgd" else "")
+            + f" {r['noise_scale']:,.0f} frames "
             f"(+- {r['stderr']:,.0f}; |G|^2 {r['grad_sq']:.4g}, tr(Sigma) {r['trace_cov']:.4g}, "
             f"{r['frames']:,} frames)",
             f"  best sample efficiency of N workers x minibatch {r['minibatch']} against one:",

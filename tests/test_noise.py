@@ -156,6 +156,7 @@ def test_command_prints_json_and_refuses_a_misfit(tmp_path, capsys):
     assert main(["noise-scale", "--model", str(good), str(good), *common, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out) == 2 and out[0] == out[1]  # same model, same seed: the same draws
+    assert out[0]["metric"] == "euclidean"
     ceiling = list(out[0]["efficiency_ceiling"].values())
     assert out[0]["noise_scale"] > 0 and ceiling[0] == 1.0 and ceiling == sorted(ceiling)[::-1]
     assert main(["noise-scale", "--model", str(good), *common]) == 0
@@ -165,6 +166,15 @@ def test_command_prints_json_and_refuses_a_misfit(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "feature dimension 6, the model expects 5" in err
     assert main(["noise-scale", "--model", str(good), *common[:2], "--batches", "999"]) == 2
     assert "fewer than one big batch" in capsys.readouterr().err
+    # NG-SGD's metric as well: estimates warmed on the data, the same draws for both metrics
+    assert main(["noise-scale", "--model", str(good), *common, "--ngsgd", "--json"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert [r["metric"] for r in both] == ["euclidean", "ngsgd"] and both[0] == out[0]
+    assert both[1]["noise_scale"] > 0 and both[1]["noise_scale"] != both[0]["noise_scale"]
+    assert main(["noise-scale", "--model", str(good), *common, "--ngsgd"]) == 0
+    assert "gradient noise scale in NG-SGD's metric" in capsys.readouterr().out
+    assert main(["noise-scale", "--model", str(good), *common, "--ngsgd", "--ng-warmup", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--ng-warmup must be >= 1, got 0")
 
 
 def test_train_logs_the_noise_scale_without_changing_training(tmp_path, capsys):
