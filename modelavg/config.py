@@ -142,7 +142,8 @@ class TrainConfig(ParallelOptions):
     noise_scale: bool = opt(
         False,
         "also estimate the gradient noise scale at every validation (metrics.jsonl "
-        "noise_scale: frames per update the task can use; see modelavg noise-scale)",
+        "noise_scale: frames per update the task can use; with NG-SGD also noise_scale_ng, "
+        "in its metric; see modelavg noise-scale)",
         group="run",
     )
     checkpoint_every: int = opt(

@@ -14,8 +14,8 @@ the frames of one worker, a sample efficiency of at most
     efficiency_ceiling = (1 + b/B) / (1 + N b/B)
 
 which is also the best parallel efficiency (speedup / N) with free communication. It is a model,
-not a theorem: it assumes the best lr at every step and ignores curvature and preconditioning
-(NG-SGD), so a tuned N-worker run can beat a given 1-worker run's ceiling by a little.
+not a theorem: it assumes the best lr at every step and a curvature like the identity, so a
+tuned N-worker run can beat a given 1-worker run's ceiling by a little.
 
 Estimate, with the unbiased two-batch-size estimators of McCandlish et al. (appendix A): the
 squared norm of a minibatch gradient of b frames has expectation |G|^2 + tr(Sigma)/b, so from
