@@ -133,7 +133,7 @@ def natural_gradient_metric(model: nn.Module, preconditioners: dict) -> Metric:
     names = [name for name, _ in model.named_parameters()]
     layers = {}  # index of the weight -> (index of the bias or None, pre_in, pre_out, scale)
     for name, (pre_in, pre_out) in preconditioners.items():
-        if not (pre_in.initialized or pre_in.rank == 0):
+        if not all(pre.initialized or pre.rank == 0 for pre in (pre_in, pre_out)):
             raise ValueError(f"layer {name!r}: NG-SGD estimates not initialised yet")
         bias = f"{name}.bias"
         scale = math.sqrt(pre_in.expected_gamma() * pre_out.expected_gamma())
