@@ -638,8 +638,9 @@ def label(key: tuple) -> str:
 
 
 def write_plots(grid: Grid, out: Path, rows: list[dict]) -> list[Path]:
-    """CV accuracy against N and against K (one line per setting of the other options) and the
-    learning curves (CV accuracy against frames per worker)."""
+    """CV accuracy against N and against K (one line per setting of the other options), the
+    learning curves (CV accuracy against frames per worker) and, where cells logged it, the
+    gradient noise scale against frames per worker."""
     done = [r for r in rows if r["status"] == "done"]
     if not done:
         return []
@@ -648,6 +649,8 @@ def write_plots(grid: Grid, out: Path, rows: list[dict]) -> list[Path]:
         if axis in grid.varying:
             plots.append(plot_against(done, axis, grid.others(axis), out / name))
     plots.append(plot_curves(done, grid, out / "learning_curves.png"))
+    if any(len(r.get("noise_curve", ([], []))[0]) > 1 for r in done):
+        plots.append(plot_noise(done, out / "noise_scale.png"))
     return plots
 
 
@@ -712,6 +715,32 @@ def plot_curves(rows: list[dict], grid: Grid, path: Path) -> Path:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
+    return _save(fig, path)
+
+
+def plot_noise(rows: list[dict], path: Path) -> Path:
+    """The gradient noise scale along each run that logged it, solid in the Euclidean metric,
+    dashed in NG-SGD's: how many frames per update the task could use as training went on."""
+    import matplotlib.pyplot as plt
+
+    from modelavg.report import _save
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, r in enumerate(rows):
+        for _, curve, _, title in NOISE_CEILINGS:
+            frames, scales = r.get(curve) or ([], [])
+            points = [
+                (f, b) for f, b in zip(frames, scales, strict=True) if f > 0 and 0 < b < math.inf
+            ]
+            if len(points) < 2:
+                continue
+            style = "--" if curve.endswith("_ng") else "-"
+            name = f"{r['cell']} ({title.removeprefix('ceiling (').rstrip(')')})"
+            ax.plot(
+                *zip(*points, strict=True), style, color=f"C{i % 10}", marker="o", ms=2, label=name
+            )
+    ax.set(xscale="log", yscale="log", xlabel="frames per worker", ylabel="noise scale B (frames)")
+    ax.legend(fontsize=6)
     return _save(fig, path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from modelavg.sweep import (
     main,
     noise_curve,
     pivot_by_workers,
+    plot_noise,
     run_sweep,
     seconds_function,
     speedup_table,
@@ -118,6 +120,7 @@ def test_reports_and_plots(sweep):
     # has 1-32); not "58.3%" (its N=16 efficiency): a measured efficiency can print the same
     assert "| N | run |" in speedup
     assert not (out / "workers=2,avg_every=2" / "stale.txt").exists()  # restarted cleanly
+    assert not (out / "noise_scale.png").exists()  # no cell logged a noise scale
 
 
 def test_concurrent_cells_log_whole_lines_and_bad_jobs_is_refused(sweep, tmp_path):
@@ -321,6 +324,33 @@ def test_noise_ceiling_follows_the_reference_run_up_to_its_target():
     add_noise_ceilings(plain, [{"noise_curve": ([], []), "minibatch": 100}])
     assert all("ceiling" not in r for r in plain)  # no noise scale logged: no column
     assert "ceiling" not in speedup_table("t", plain, used)
+
+
+def test_noise_plot_draws_each_logged_curve(tmp_path, monkeypatch):
+    """Both metrics of a run that logged them; frame 0 and an infinite B (no measurable
+    gradient) left out of the log-log plot; a run without a curve adds nothing."""
+    rows = [
+        {
+            "cell": "workers=1",
+            "noise_curve": ([0.0, 100.0, 200.0, 300.0], [50.0, 400.0, 900.0, math.inf]),
+            "noise_curve_ng": ([0.0, 100.0, 200.0], [900.0, 900.0, 2000.0]),
+        },
+        {"cell": "workers=2", "noise_curve": ([], []), "noise_curve_ng": ([], [])},
+    ]
+    import modelavg.report
+
+    save, lines = modelavg.report._save, []
+
+    def keep(fig, path):
+        lines.extend((ln.get_label(), list(ln.get_xdata())) for ln in fig.axes[0].get_lines())
+        return save(fig, path)
+
+    monkeypatch.setattr(modelavg.report, "_save", keep)
+    assert plot_noise(rows, tmp_path / "noise_scale.png").stat().st_size > 0
+    assert lines == [
+        ("workers=1 (noise scale)", [100.0, 200.0]),
+        ("workers=1 (NG metric)", [100.0, 200.0]),
+    ]
 
 
 def test_paper_time_model_reproduces_calibrated_speedup():
