@@ -176,9 +176,8 @@ def cmd_noise_scale(args: argparse.Namespace, argv: list[str]) -> int:
             metrics["ngsgd"] = noise.warmed_natural_gradient_metric(
                 model, table, context, args.minibatch, args.ng_warmup, args.seed
             )
-        draws = {"small_batch": args.small_batch, "batches": args.batches}
         ests = noise.estimate_noise_scales(
-            model, table, context, metrics, **draws, repeats=args.repeats, seed=args.seed
+            model, table, context, metrics, args.small_batch, args.batches, args.repeats, args.seed
         )
         for metric, est in ests.items():
             results.append(noise.report(path, est, args.minibatch, args.workers, metric))

@@ -133,7 +133,7 @@ def natural_gradient_metric(model: nn.Module, preconditioners: dict) -> Metric:
     names = [name for name, _ in model.named_parameters()]
     layers = {}  # index of the weight -> (index of the bias or None, pre_in, pre_out, scale)
     for name, (pre_in, pre_out) in preconditioners.items():
-        if not all(pre.initialized or pre.rank == 0 for pre in (pre_in, pre_out)):
+        if not (pre_in.ready and pre_out.ready):
             raise ValueError(f"layer {name!r}: NG-SGD estimates not initialised yet")
         bias = f"{name}.bias"
         scale = math.sqrt(pre_in.expected_gamma() * pre_out.expected_gamma())
@@ -207,10 +207,10 @@ def estimate_noise_scale(
 ) -> NoiseScale:
     """McCandlish's B_simple at ``model``'s parameters on ``table``'s frames: ``repeats`` times,
     ``batches`` gradients of ``small_batch`` random frames and their mean (see the module doc)."""
-    metrics = {"sgd": euclidean}
+    metrics = {"euclidean": euclidean}
     return estimate_noise_scales(
         model, table, context, metrics, small_batch, batches, repeats, seed
-    )["sgd"]
+    )["euclidean"]
 
 
 def estimate_noise_scales(

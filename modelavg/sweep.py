@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -73,9 +73,21 @@ KEY_OPTIONS = (
 RANDOM_INIT = ("random", "none")
 INFEASIBLE = "exceeds the smallest shard"  # the trainer's message when K*B > a worker's shard
 PAPER_DROP = 0.005
-NOISE_CEILINGS = (  # (metrics.jsonl key, run summary key, speedup row key, column title)
-    ("noise_scale", "noise_curve", "ceiling", "ceiling (noise scale)"),
-    ("noise_scale_ng", "noise_curve_ng", "ceiling_ng", "ceiling (NG metric)"),
+
+
+class NoiseSeries(NamedTuple):
+    """One logged noise scale: its metrics.jsonl key, the run summary's curve of it, the speedup
+    row's ceiling from it, and the metric's name in tables and plots."""
+
+    key: str
+    curve: str
+    column: str
+    metric: str
+
+
+NOISE_CEILINGS = (
+    NoiseSeries("noise_scale", "noise_curve", "ceiling", "noise scale"),
+    NoiseSeries("noise_scale_ng", "noise_curve_ng", "ceiling_ng", "NG metric"),
 )
 
 
@@ -395,7 +407,7 @@ def cell_result(cell_dir: Path) -> dict[str, Any]:
             f"{100 * a:.2f}" for f, a in zip(frames, acc, strict=True) if f % per_epoch == 0
         ),
         "curve": (frames, acc),
-        **{curve: noise_curve(metrics, per_epoch, key) for key, curve, _, _ in NOISE_CEILINGS},
+        **{s.curve: noise_curve(metrics, per_epoch, s.key) for s in NOISE_CEILINGS},
     }
 
 
@@ -727,15 +739,14 @@ def plot_noise(rows: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, r in enumerate(rows):
-        for _, curve, _, title in NOISE_CEILINGS:
-            frames, scales = r.get(curve) or ([], [])
+        for series, style in zip(NOISE_CEILINGS, ("-", "--"), strict=True):
+            frames, scales = r.get(series.curve) or ([], [])
             points = [
                 (f, b) for f, b in zip(frames, scales, strict=True) if f > 0 and 0 < b < math.inf
             ]
             if len(points) < 2:
                 continue
-            style = "--" if curve.endswith("_ng") else "-"
-            name = f"{r['cell']} ({title.removeprefix('ceiling (').rstrip(')')})"
+            name = f"{r['cell']} ({series.metric})"
             ax.plot(
                 *zip(*points, strict=True), style, color=f"C{i % 10}", marker="o", ms=2, label=name
             )
@@ -988,12 +999,12 @@ def add_noise_ceilings(result: list[dict], ones: list[dict]) -> None:
     if first["run"] is None:
         return
     ref = ones[first["run"]]
-    for _, curve, column, _ in NOISE_CEILINGS:
-        frames, scales = ref.get(curve) or ([], [])
+    for series in NOISE_CEILINGS:
+        frames, scales = ref.get(series.curve) or ([], [])
         if len(frames) < 2 or frames[0] >= first["frames_to_target"]:
             continue
         for row in result:
-            row[column] = trajectory_efficiency_ceiling(
+            row[series.column] = trajectory_efficiency_ceiling(
                 frames,
                 scales,
                 int(ref["minibatch"]),
@@ -1008,7 +1019,9 @@ def fmt(value: float | None, pattern: str, missing: str = "not reached") -> str:
 
 def speedup_table(title: str, result: list[dict], used: dict) -> str:
     paper = paper_speedups()
-    ceilings = [(key, title) for _, _, key, title in NOISE_CEILINGS if key in result[0]]
+    ceilings = [
+        (s.column, f"ceiling ({s.metric})") for s in NOISE_CEILINGS if s.column in result[0]
+    ]
     lk = used["link"]
     lines = [
         f"### {title}",

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,6 @@ def tie_states(
     (left, phone, right, state) triphone states of ``train_labels`` (ties by name) fill the
     inventory up to ``num_classes``. A frame whose triphone state was not kept takes its
     (phone, state): ``tied``."""
-    from collections import Counter
-
     if num_classes < len(phone_states):
         raise UsageError(
             f"--context-classes {num_classes}: fewer than the {len(phone_states)} phone states"

@@ -112,6 +112,12 @@ class OnlineNaturalGradient:
         return self._w is not None
 
     @property
+    def ready(self) -> bool:
+        """Whether ``metric_sqrt`` and ``expected_gamma`` can be read: an estimate exists, or
+        rank 0 (the identity) needs none."""
+        return self.initialized or self.rank == 0
+
+    @property
     def num_calls(self) -> int:
         return self._t
 
@@ -555,9 +561,7 @@ class NGSGD(torch.optim.Optimizer):
         """Whether every preconditioner has its estimate (after the first step; after a reset
         not until the next)."""
         return self.precondition and all(
-            pre.initialized or pre.rank == 0
-            for layer in self._layers
-            for pre in (layer.pre_in, layer.pre_out)
+            pre.ready for layer in self._layers for pre in (layer.pre_in, layer.pre_out)
         )
 
     def preconditioners(self) -> dict[str, tuple[OnlineNaturalGradient, OnlineNaturalGradient]]:
