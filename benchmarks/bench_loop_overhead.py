@@ -31,9 +31,9 @@ import bench_peers as peers  # noqa: E402 - the same model, data and seed
 from modelavg.comm.inprocess import InProcessCommunicator  # noqa: E402
 from modelavg.config import TrainConfig  # noqa: E402
 from modelavg.data.shards import epoch_order, minibatches  # noqa: E402
-from modelavg.dataset import load_training_data  # noqa: E402
+from modelavg.data.training import load_training_data  # noqa: E402
 from modelavg.guard import DivergenceGuard  # noqa: E402
-from modelavg.trainer import local_step, make_replicas  # noqa: E402
+from modelavg.train import local_step, make_replicas  # noqa: E402
 
 
 def timed(fn) -> float:

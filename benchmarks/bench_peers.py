@@ -95,7 +95,7 @@ def peer_worker(args: argparse.Namespace) -> None:
     from modelavg.comm.torchdist import TorchDistCommunicator
     from modelavg.config import TrainConfig
     from modelavg.data.shards import epoch_order, minibatches, rounds_per_epoch
-    from modelavg.dataset import load_training_data
+    from modelavg.data.training import load_training_data
     from modelavg.evaluate import frame_stats, summary
 
     torch.set_num_threads(1)

@@ -11,60 +11,21 @@ process has finished its files, so a kill at any moment leaves the previous chec
 
 Example::
 
-    atomic_save({"x": 1}, "out/thing.pt")
+    save_files(root, checkpoint_name(2, 0), shared, workers)   # every process, its own files
+    commit(root, checkpoint_name(2, 0))                          # main process, after a barrier
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import torch
 
 from modelavg.errors import UsageError
+from modelavg.io import atomic_save, atomic_write_bytes
 
 LATEST = "LATEST"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Write through ``write`` to a temporary file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should be as readable as usual
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    _atomic_write(path, lambda fh: fh.write(data))
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save, atomically."""
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def checkpoint_name(epoch: int, round_: int) -> str:

@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 def run_training(cfg: TrainConfig, penv) -> dict:
     from modelavg import launch
-    from modelavg.trainer import train
+    from modelavg.train import train
 
     with launch.joined(cfg, penv) as comm:
         result = train(cfg, comm)
@@ -141,7 +141,7 @@ def cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from modelavg.evaluate import evaluate_data_dir, format_result
-    from modelavg.model import load_model
+    from modelavg.nets.dnn import load_model
 
     data = Path(args.data)
     class_map = args.class_map
@@ -160,9 +160,9 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_noise_scale(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from modelavg import noise
+    from modelavg.analysis import noise
     from modelavg.evaluate import read_labelled_table
-    from modelavg.model import load_model
+    from modelavg.nets.dnn import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -203,14 +203,14 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_prepare_demo(args: argparse.Namespace, argv: list[str]) -> int:
-    from modelavg.data.demo import prepare_demo
+    from modelavg.corpora.asterisk import prepare_demo
 
     prepare_demo(args.out, max_utts=args.max_utts, seed=args.seed)
     return 0
 
 
 def cmd_prepare_synthetic(args: argparse.Namespace, argv: list[str]) -> int:
-    from modelavg.data.synthetic import prepare_synthetic
+    from modelavg.corpora.synthetic import prepare_synthetic
 
     prepare_synthetic(
         args.out,
@@ -223,14 +223,14 @@ def cmd_prepare_synthetic(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_prepare_unlabelled(args: argparse.Namespace, argv: list[str]) -> int:
-    from modelavg.data.unlabelled import prepare_unlabelled
+    from modelavg.corpora.unlabelled import prepare_unlabelled
 
     prepare_unlabelled(args.out, tuple(args.langs), max_utts=args.max_utts)
     return 0
 
 
 def cmd_prepare_fashion(args: argparse.Namespace, argv: list[str]) -> int:
-    from modelavg.data.fashion import prepare_fashion
+    from modelavg.corpora.fashion import prepare_fashion
 
     prepare_fashion(args.out, utt_size=args.utt_size, seed=args.seed, max_images=args.max_images)
     return 0
@@ -288,7 +288,7 @@ def build_parser() -> tuple[Parser, dict[str, Callable]]:
         default=[1, 2, 4, 8, 16, 32, 64],
         help="worker counts to predict for",
     )
-    from modelavg import noise
+    from modelavg.analysis import noise
 
     p.add_argument(
         "--small-batch", type=int, default=noise.SMALL_BATCH, help="frames per small gradient"

@@ -115,6 +115,12 @@ class TrainConfig(ParallelOptions):
         ("none", "linear"),
         "ngsgd",
     )
+    ng_variant: str = opt(
+        "nnet2",
+        "NG-SGD arithmetic: Kaldi nnet2's online preconditioner (2014, the paper's) or nnet3's",
+        ("nnet2", "nnet3"),
+        "ngsgd",
+    )
     ng_reset: str = opt(
         "epoch",
         "NG-SGD: reset the Fisher estimates every epoch (paper) or never",

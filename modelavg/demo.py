@@ -75,12 +75,12 @@ def run_demo(
 ) -> Path:
     """Prepare, train, evaluate, report. Returns the report path."""
     from modelavg.evaluate import evaluate_data_dir, format_result
-    from modelavg.model import load_model
+    from modelavg.nets.dnn import load_model
 
     t0 = time.time()
     data, run_dir = Path(data_dir), Path(out)
     if not (data / "train" / "feats.scp").exists():
-        from modelavg.data.demo import prepare_demo
+        from modelavg.corpora.asterisk import prepare_demo
 
         prepare_demo(data)
     prepared = time.time()
@@ -123,7 +123,7 @@ def run_demo(
 
 def write_report(run_dir: Path, cfg: TrainConfig, results: dict, times: dict) -> Path:
     """report.md: what ran, how long, accuracies beside their baselines, the plots."""
-    from modelavg.checkpoint import atomic_write_bytes
+    from modelavg.io import atomic_write_bytes
     from modelavg.report import epoch_table, load_metrics, plot_run
 
     plot_run(run_dir, title=f"{cfg.workers} workers, K={cfg.avg_every}")

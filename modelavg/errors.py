@@ -1,9 +1,33 @@
-"""The one exception type users see: printed as a single line, exit code 2, no traceback."""
+"""The errors users see: each prints as one line and ends the process with its class's exit code.
+
+Example::
+
+    raise UsageError("--lr must be > 0")          # modelavg: error: --lr must be > 0   (exit 2)
+"""
 
 
-class UsageError(Exception):
+class ModelavgError(Exception):
+    """An expected failure: one line on stderr, no traceback, exit ``exit_code``."""
+
+    exit_code = 1
+
+
+class UsageError(ModelavgError):
     """Bad input or misuse. The message names the file, utterance or option at fault."""
 
+    exit_code = 2
 
-class WorkerLost(Exception):
-    """Another worker vanished mid-collective: one line, exit code ``launch.PEER_LOST``."""
+
+class WorkerLost(ModelavgError):
+    """Another worker died or hung mid-collective; this one stops too."""
+
+    exit_code = 3
+
+
+class Infeasible(UsageError):
+    """The options cannot run on this data (K x minibatch frames exceed a worker's shard).
+
+    A sweep cell with this exit code is reported as infeasible, not as failed.
+    """
+
+    exit_code = 4

@@ -91,7 +91,7 @@ def evaluate_data_dir(
     """
     from pathlib import Path
 
-    from modelavg import decode
+    from modelavg import phones
     from modelavg.data.kaldi import read_labels
 
     spec = model.spec
@@ -99,45 +99,45 @@ def evaluate_data_dir(
     result = summary(frame_stats(model, table, spec.context))
     if train_dir is None and class_map is None:
         return result
-    result["chance_accuracy"] = decode.chance_accuracy(spec.num_classes)
+    result["chance_accuracy"] = phones.chance_accuracy(spec.num_classes)
     train = read_labels(train_dir) if train_dir else None
     if train is not None:
-        result["majority_accuracy"] = decode.majority_accuracy(train, corpus.targets)
+        result["majority_accuracy"] = phones.majority_accuracy(train, corpus.targets)
     phones_scp = Path(data_dir) / "phones.scp"
     if class_map is None or train is None or not phones_scp.exists():
         return result
-    class_to_phone, names = decode.load_class_map(class_map)
+    class_to_phone, names = phones.load_class_map(class_map)
     if len(class_to_phone) != spec.num_classes:
         raise UsageError(
             f"{class_map}/classes.txt: {len(class_to_phone)} classes, the model has "
             f"{spec.num_classes} outputs"
         )
-    phones = read_labels(data_dir, str(phones_scp))
-    missing = [u for u in corpus.utts if u not in phones]
+    aligned = read_labels(data_dir, str(phones_scp))
+    missing = [u for u in corpus.utts if u not in aligned]
     if missing:
         raise UsageError(f"{phones_scp}: utterance {missing[0]} has features but no phones")
-    ref = {u: phones[u][: len(corpus.feats[u])] for u in corpus.utts}
+    ref = {u: aligned[u][: len(corpus.feats[u])] for u in corpus.utts}
     train_phones = read_labels(train_dir, default_name="phones.scp")
     log_probs = utterance_log_probs(model, table, spec.context)
     correct = sum(
         int(
             (
-                decode.senone_to_phone_posteriors(lp, class_to_phone, len(names)).argmax(1).numpy()
+                phones.senone_to_phone_posteriors(lp, class_to_phone, len(names)).argmax(1).numpy()
                 == ref[u][: len(lp)]
             ).sum()
         )
         for u, lp in zip(corpus.utts, log_probs, strict=True)
     )
-    bigram = decode.estimate_phone_bigram(train_phones.values(), len(names))
-    per = decode.phone_error_rate(
+    bigram = phones.estimate_phone_bigram(train_phones.values(), len(names))
+    per = phones.phone_error_rate(
         ((lp, ref[u][: len(lp)]) for u, lp in zip(corpus.utts, log_probs, strict=True)),
         class_to_phone,
         bigram,
     )
     result.update(
         phone_frame_accuracy=correct / result["frames"],
-        phone_chance_accuracy=decode.chance_accuracy(len(names)),
-        phone_majority_accuracy=decode.majority_accuracy(train_phones, ref),
+        phone_chance_accuracy=phones.chance_accuracy(len(names)),
+        phone_majority_accuracy=phones.majority_accuracy(train_phones, ref),
         phone_error_rate=per.per,
         phone_errors=per.errors,
         reference_phones=per.ref_len,

@@ -49,14 +49,14 @@ from tqdm import tqdm
 
 from modelavg.averaging import Averager, ModelAverager
 from modelavg.averaging.base import flatten, unflatten_
-from modelavg.checkpoint import atomic_write_bytes
 from modelavg.comm.base import Communicator
 from modelavg.config import ParallelOptions, check, opt, read_options
 from modelavg.data.frames import FrameTable, mean_std, moment_sums
 from modelavg.data.kaldi import Corpus, read_corpus
 from modelavg.data.shards import epoch_order, minibatches, partition, rounds_per_epoch
 from modelavg.errors import UsageError
-from modelavg.rbm import (
+from modelavg.io import atomic_write_bytes
+from modelavg.nets.rbm import (
     DBN,
     RBM,
     CD1Config,

@@ -7,7 +7,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,19 +15,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from modelavg.io import read_jsonl, save_figure  # noqa: E402
+
 
 def load_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def plot_run(run_dir: str | os.PathLike, title: str = "") -> list[Path]:
@@ -48,7 +39,7 @@ def plot_run(run_dir: str | os.PathLike, title: str = "") -> list[Path]:
     for e in epochs:
         if e.get("accepted") is False:
             ax2.annotate("rejected", (e["epoch"], e["cv_cross_entropy"]), fontsize=8)
-    paths.append(_save(fig, run_dir / "cv.png"))
+    paths.append(save_figure(fig, run_dir / "cv.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(
@@ -62,13 +53,13 @@ def plot_run(run_dir: str | os.PathLike, title: str = "") -> list[Path]:
         ".-",
     )
     ax.set(xlabel="epoch", ylabel="learning rate (all workers)", yscale="log")
-    paths.append(_save(fig, run_dir / "lr.png"))
+    paths.append(save_figure(fig, run_dir / "lr.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     trained = [e for e in epochs if "averaging_share" in e]
     ax.bar([e["epoch"] for e in trained], [100 * e["averaging_share"] for e in trained])
     ax.set(xlabel="epoch", ylabel="wall time in averaging (%)")
-    paths.append(_save(fig, run_dir / "averaging.png"))
+    paths.append(save_figure(fig, run_dir / "averaging.png"))
     return paths
 
 

@@ -669,7 +669,7 @@ def write_plots(grid: Grid, out: Path, rows: list[dict]) -> list[Path]:
 def plot_against(rows: list[dict], axis: str, others: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from modelavg.report import _save
+    from modelavg import io
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, group in grouped(rows, others).items():
@@ -680,7 +680,7 @@ def plot_against(rows: list[dict], axis: str, others: list[str], path: Path) -> 
     ax.set(xlabel={"workers": "workers N", "avg_every": "averaging period K"}[axis])
     ax.set(ylabel="final CV frame accuracy (%)")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return io.save_figure(fig, path)
 
 
 def integer_log2_axis(ax, ticks: list[int]) -> None:
@@ -703,7 +703,7 @@ def plot_curves(rows: list[dict], grid: Grid, path: Path) -> Path:
     """One panel per setting of the non-N options, one line per N (or per cell)."""
     import matplotlib.pyplot as plt
 
-    from modelavg.report import _save
+    from modelavg import io
 
     line_by = "workers" if "workers" in grid.varying else None
     panels = grouped(rows, grid.others("workers") if line_by else grid.varying)
@@ -727,7 +727,7 @@ def plot_curves(rows: list[dict], grid: Grid, path: Path) -> Path:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    return _save(fig, path)
+    return io.save_figure(fig, path)
 
 
 def plot_noise(rows: list[dict], path: Path) -> Path:
@@ -735,7 +735,7 @@ def plot_noise(rows: list[dict], path: Path) -> Path:
     dashed in NG-SGD's: how many frames per update the task could use as training went on."""
     import matplotlib.pyplot as plt
 
-    from modelavg.report import _save
+    from modelavg import io
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, r in enumerate(rows):
@@ -752,7 +752,7 @@ def plot_noise(rows: list[dict], path: Path) -> Path:
             )
     ax.set(xscale="log", yscale="log", xlabel="frames per worker", ylabel="noise scale B (frames)")
     ax.legend(fontsize=6)
-    return _save(fig, path)
+    return io.save_figure(fig, path)
 
 
 # -- speedup to accuracy ---------------------------------------------------------------------
@@ -816,7 +816,7 @@ def speedup_to_accuracy(
 
 @dataclass(frozen=True)
 class TimeModelSpec:
-    """How to turn frames per worker into seconds (see ``modelavg.timemodel``)."""
+    """How to turn frames per worker into seconds (see ``modelavg.analysis.timemodel``)."""
 
     step_seconds: float | str = "measured"  # per minibatch: measured | paper | seconds
     model_bytes: float | str = "model"  # model | paper | bytes
@@ -882,7 +882,7 @@ def _time_model_spec(raw: Any, where: Path, index: int) -> TimeModelSpec:
 
 def seconds_function(spec: TimeModelSpec, group: list[dict], where: Path):
     """``seconds(N, frames_per_worker)`` for one group of cells (same B, K, model)."""
-    from modelavg import timemodel as tm
+    from modelavg.analysis import timemodel as tm
 
     ref = group[0]
     minibatch, avg_every = int(ref["minibatch"]), int(ref["avg_every"])
@@ -936,7 +936,7 @@ def pick(value: Any, words: dict[str, float]) -> float:
 
 
 def link_from(raw: Any, where: Path):
-    from modelavg.timemodel import Link
+    from modelavg.analysis.timemodel import Link
 
     try:
         return Link(**raw)
@@ -949,7 +949,7 @@ def link_from(raw: Any, where: Path):
 
 def paper_speedups() -> dict[int, tuple[float, float]]:
     """The paper's (time-only) speedup and efficiency per N, brief §4.1."""
-    from modelavg import timemodel as tm
+    from modelavg.analysis import timemodel as tm
 
     t1 = tm.PAPER_EPOCH_MIN[0]
     return {n: (t1 / t, t1 / t / n) for n, t in zip(tm.PAPER_GPUS, tm.PAPER_EPOCH_MIN, strict=True)}
@@ -993,7 +993,7 @@ def add_noise_ceilings(result: list[dict], ones: list[dict]) -> None:
     """With the 1-worker reference run's noise scale logged (``noise_scale: true``): each N's
     best sample efficiency along that run up to the target (``noise.trajectory_efficiency_
     ceiling``), to set beside the measured one; in NG-SGD's metric too where it was logged."""
-    from modelavg.noise import trajectory_efficiency_ceiling
+    from modelavg.analysis.noise import trajectory_efficiency_ceiling
 
     first = next(r for r in result if r["workers"] == 1)
     if first["run"] is None:
@@ -1070,7 +1070,7 @@ def speedup_markdown(grid: Grid, tables: list[str]) -> str:
         f"For each N: the frames per worker needed to reach the 1-worker run's final CV frame "
         f"accuracy minus {100 * grid.accuracy_drop:.2g}% absolute (linear interpolation on the "
         "CV curve: after each epoch, and every `cv_every` rounds when set), turned into time "
-        "with `modelavg.timemodel` ("
+        "with `modelavg.analysis.timemodel` ("
         + "; ".join(
             f"{m.name}: step {m.step_seconds}, model bytes {m.model_bytes}, link {m.link}, "
             f"overhead {m.parallel_overhead}, fixed {m.parallel_fixed_s}"
@@ -1083,9 +1083,9 @@ def speedup_markdown(grid: Grid, tables: list[str]) -> str:
         "and time-only efficiency = efficiency / sample efficiency, what communication and "
         "overheads cost at this K and minibatch. Where the reference run logged its gradient "
         "noise scale (`noise_scale: true`), the ceiling column is the best sample efficiency "
-        "any N-worker run could have had along it (`modelavg.noise`: N workers acting like one "
-        "minibatch N times larger, McCandlish et al. 2018); with NG-SGD a second one measures "
-        "the noise scale in NG-SGD's own metric. "
+        "any N-worker run could have had along it (`modelavg.analysis.noise`: N workers "
+        "acting like one minibatch N times larger, McCandlish et al. 2018); with NG-SGD a "
+        "second one measures the noise scale in NG-SGD's own metric. "
         "The paper's columns are its time-only figures (equal epochs, "
         "K=10, B=1024, brief §4.1): 58% efficiency at N=16 and 52% at N=32.",
         "",
@@ -1101,7 +1101,7 @@ def speedup_markdown(grid: Grid, tables: list[str]) -> str:
 def plot_speedup(series: list[tuple[str, list[dict]]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from modelavg.report import _save
+    from modelavg import io
 
     paper = paper_speedups()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -1119,7 +1119,7 @@ def plot_speedup(series: list[tuple[str, list[dict]]], path: Path) -> Path:
         ax.legend(fontsize=7)
     ax1.set(yscale="log", ylabel="speedup to accuracy T1/TN")
     ax2.set(ylabel="efficiency (%)", ylim=(0, 110))
-    return _save(fig, path)
+    return io.save_figure(fig, path)
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ pytest.importorskip("pocketsphinx")
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    from modelavg.data.demo import prepare_demo
+    from modelavg.corpora.asterisk import prepare_demo
 
     out = tmp_path_factory.mktemp("demo") / "data"
     prepare_demo(out, max_utts=40, progress=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import modelavg.data.demo as demo
+import modelavg.corpora.asterisk as demo
 from modelavg.data.kaldi import read_corpus
 from modelavg.errors import UsageError
 

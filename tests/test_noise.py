@@ -9,11 +9,7 @@ import pytest
 import torch
 from conftest import SMALL, make_data_dir
 
-from modelavg.cli import main
-from modelavg.data.frames import FrameTable
-from modelavg.data.kaldi import read_corpus
-from modelavg.model import DNN, DNNSpec, save_model
-from modelavg.noise import (
+from modelavg.analysis.noise import (
     efficiency_ceiling,
     estimate_noise_scale,
     estimate_noise_scales,
@@ -24,6 +20,10 @@ from modelavg.noise import (
     trajectory_efficiency_ceiling,
     workers_at_half_efficiency,
 )
+from modelavg.cli import main
+from modelavg.data.frames import FrameTable
+from modelavg.data.kaldi import read_corpus
+from modelavg.nets.dnn import DNN, DNNSpec, save_model
 from modelavg.optim.ngsgd import NGSGD
 
 

@@ -19,9 +19,9 @@ from modelavg.comm import InProcessCommunicator
 from modelavg.data.kaldi import read_corpus
 from modelavg.errors import UsageError
 from modelavg.launch import free_port, local_rank_env
-from modelavg.model import DNN, DNNSpec
+from modelavg.nets.dnn import DNN, DNNSpec
+from modelavg.nets.rbm import DBN, load_dbn
 from modelavg.pretrain import PretrainConfig, check_out_dir, pretrain
-from modelavg.rbm import DBN, load_dbn
 
 LAYERS, HIDDEN, CONTEXT = 2, 16, 1
 SMALL = dict(
@@ -232,7 +232,7 @@ def test_dbn_file_carries_the_input_normalisation(inprocess, data_dir):
 
 
 def test_dbn_initialises_the_dnn_via_hidden_layers_from(inprocess, data_dir):
-    from modelavg.pretrained import hidden_layers_from
+    from modelavg.nets.pretrained import hidden_layers_from
 
     dbn, state = load_dbn(inprocess[0])
     spec = DNNSpec(
@@ -249,7 +249,7 @@ def test_dbn_initialises_the_dnn_via_hidden_layers_from(inprocess, data_dir):
 
 def test_dbn_layers_reproduce_the_up_pass_in_a_dnn(inprocess, data_dir):
     """What hidden_layers_from should build: DNN hidden activations = DBN.transform."""
-    from modelavg.rbm import dbn_to_linear_layers
+    from modelavg.nets.rbm import dbn_to_linear_layers
 
     dbn, state = load_dbn(inprocess[0])
     spec = DNNSpec(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modelavg.errors import UsageError
-from modelavg.rbm import (
+from modelavg.nets.rbm import (
     DBN,
     RBM,
     CD1Config,

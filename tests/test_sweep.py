@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import make_data_dir
 
-from modelavg import timemodel as tm
+from modelavg.analysis import timemodel as tm
 from modelavg.errors import UsageError
 from modelavg.sweep import (
     TIME_MODEL_PRESETS,
@@ -337,15 +337,15 @@ def test_noise_plot_draws_each_logged_curve(tmp_path, monkeypatch):
         },
         {"cell": "workers=2", "noise_curve": ([], []), "noise_curve_ng": ([], [])},
     ]
-    import modelavg.report
+    import modelavg.io
 
-    save, lines = modelavg.report._save, []
+    save, lines = modelavg.io.save_figure, []
 
     def keep(fig, path):
         lines.extend((ln.get_label(), list(ln.get_xdata())) for ln in fig.axes[0].get_lines())
         return save(fig, path)
 
-    monkeypatch.setattr(modelavg.report, "_save", keep)
+    monkeypatch.setattr(modelavg.io, "save_figure", keep)
     assert plot_noise(rows, tmp_path / "noise_scale.png").stat().st_size > 0
     assert lines == [
         ("workers=1 (noise scale)", [100.0, 200.0]),

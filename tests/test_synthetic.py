@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelavg.corpora.asterisk import ASTERISK_TRANSCRIPT
 from modelavg.data import synthetic
-from modelavg.data.demo import ASTERISK_TRANSCRIPT
 from modelavg.data.kaldi import read_corpus, read_labels
-from modelavg.decode import load_class_map
 from modelavg.errors import UsageError
+from modelavg.phones import load_class_map
 
 NUM_UTTS = 12
 needs_festival = pytest.mark.skipif(

@@ -2,8 +2,8 @@
 
 import pytest
 
+from modelavg.corpora.unlabelled import SOUNDS, VOICES, prepare_unlabelled
 from modelavg.data.kaldi import read_corpus
-from modelavg.data.unlabelled import SOUNDS, VOICES, prepare_unlabelled
 from modelavg.errors import UsageError
 
 

@@ -157,7 +157,8 @@ class OnlineNaturalGradient:
         """The rows of ``a`` (..×D) times (β G⁻¹)^½ = I - Xᵀ diag(1 - sqrt(β/(d+β))) X.
 
         β G⁻¹ is the linear map P = R (β G⁻¹) applies to each row before γ; its square root lets
-        gradients be measured in the metric NG-SGD steps in (``modelavg.noise``). Read-only:
+        gradients be measured in the metric NG-SGD steps in (``modelavg.analysis.noise``).
+        Read-only:
         the estimate is not updated. Identity for rank 0.
         """
         if self.rank == 0:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from modelavg.data.demo import fbank, load_audio_16k
+from modelavg.corpora.asterisk import fbank, load_audio_16k
 from modelavg.data.kaldi import write_data_dir
 from modelavg.errors import UsageError
 

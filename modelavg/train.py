@@ -23,23 +23,24 @@ import yaml
 from tqdm import tqdm
 
 from modelavg import checkpoint as ckpt
+from modelavg.analysis.noise import (
+    NOISE_FRAMES,
+    estimate_noise_scales,
+    euclidean,
+    natural_gradient_metric,
+)
 from modelavg.averaging import Averager, make_averager
 from modelavg.averaging.base import flatten, share_flat_storage_, unflatten_
 from modelavg.comm.base import Communicator
 from modelavg.config import TrainConfig
 from modelavg.data.frames import FrameTable
 from modelavg.data.shards import epoch_order, minibatches, rounds_per_epoch
-from modelavg.dataset import TrainingData, load_training_data
+from modelavg.data.training import TrainingData, load_training_data
 from modelavg.errors import UsageError
 from modelavg.evaluate import frame_stats, summary
 from modelavg.guard import DivergenceGuard
-from modelavg.model import DNN, save_model
-from modelavg.noise import (
-    NOISE_FRAMES,
-    estimate_noise_scales,
-    euclidean,
-    natural_gradient_metric,
-)
+from modelavg.io import atomic_write_bytes
+from modelavg.nets.dnn import DNN, save_model
 from modelavg.optim import build_optimizer, set_lr
 from modelavg.optim.ngsgd import NGSGD
 from modelavg.optim.schedules import SCHEDULES, Schedule
@@ -223,7 +224,7 @@ def finish(run: Run) -> dict:
     if run.comm.is_main:
         out = Path(run.cfg.out)
         save_model(out / "final.pt", run.models[0], extra={"cv": final})
-        ckpt.atomic_write_bytes(json.dumps(final, indent=2).encode(), out / "final_cv.json")
+        atomic_write_bytes(json.dumps(final, indent=2).encode(), out / "final_cv.json")
     run.comm.barrier()
     return final
 
@@ -508,7 +509,7 @@ def write_run_header(run: Run, data: TrainingData) -> None:
     if not comm.is_main:
         return
     run.log.truncate(0)  # a fresh start (e.g. restarted before its first checkpoint)
-    ckpt.atomic_write_bytes(
+    atomic_write_bytes(
         yaml.safe_dump(cfg.resolved(), sort_keys=False).encode(), Path(cfg.out) / "config.yaml"
     )
     run.log.write(

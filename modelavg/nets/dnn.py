@@ -82,7 +82,7 @@ class DNN(nn.Module):
 
 def save_model(path: str | os.PathLike, model: DNN, extra: dict | None = None) -> None:
     """Write the model file (spec + weights + normalisation) atomically."""
-    from modelavg.checkpoint import atomic_save
+    from modelavg.io import atomic_save
 
     atomic_save(
         {

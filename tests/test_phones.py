@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from modelavg.decode import (
+from modelavg.errors import UsageError
+from modelavg.phones import (
     PhoneModel,
     chance_accuracy,
     collapse,
@@ -21,7 +22,6 @@ from modelavg.decode import (
     senone_to_phone_posteriors,
     viterbi,
 )
-from modelavg.errors import UsageError
 
 
 def _path_score(path, emissions, trans, init) -> float:

@@ -22,7 +22,7 @@ from modelavg.data.frames import FrameTable, mean_std, moment_sums
 from modelavg.data.kaldi import Corpus, read_corpus
 from modelavg.data.shards import partition, rounds_per_epoch
 from modelavg.errors import UsageError
-from modelavg.model import DNN, DNNSpec
+from modelavg.nets.dnn import DNN, DNNSpec
 
 
 @dataclass
@@ -118,7 +118,7 @@ def initial_model(cfg: TrainConfig, input_dim: int, num_classes: int) -> DNN:
     torch.manual_seed(cfg.seed)
     if cfg.init is None:
         return DNN(spec)
-    from modelavg.pretrained import hidden_layers_from
+    from modelavg.nets.pretrained import hidden_layers_from
 
     return hidden_layers_from(cfg.init, spec)
 
@@ -128,7 +128,7 @@ def normalisation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean/std of the spliced input: a DBN's own (``--init dbn.pt``), else the training data's."""
     if cfg.init is not None:
-        from modelavg.pretrained import dbn_feature_stats
+        from modelavg.nets.pretrained import dbn_feature_stats
 
         stats = dbn_feature_stats(cfg.init)
         if stats is not None:

@@ -15,7 +15,7 @@ import os
 import torch
 
 from modelavg.errors import UsageError
-from modelavg.model import DNN, FORMAT, DNNSpec
+from modelavg.nets.dnn import DNN, FORMAT, DNNSpec
 
 
 def hidden_layers_from(path: str | os.PathLike, spec: DNNSpec) -> DNN:
@@ -31,7 +31,7 @@ def hidden_layers_from(path: str | os.PathLike, spec: DNNSpec) -> DNN:
         hidden = given.linears()[:-1]
         from_dbn = False
     else:
-        from modelavg.rbm import dbn_to_linear_layers, load_dbn
+        from modelavg.nets.rbm import dbn_to_linear_layers, load_dbn
 
         dbn, features = load_dbn(path)
         check_dbn_features(path, features, spec)
@@ -50,7 +50,7 @@ def hidden_layers_from(path: str | os.PathLike, spec: DNNSpec) -> DNN:
         )
     model = DNN(spec, hidden=hidden)
     if from_dbn:  # as nnet1 does: a new N(0, kaldi_weight_std^2) softmax layer on top of the DBN
-        from modelavg.rbm import kaldi_softmax_init
+        from modelavg.nets.rbm import kaldi_softmax_init
 
         model.linears()[-1].load_state_dict(
             kaldi_softmax_init(spec.hidden_dim, spec.num_classes).state_dict()

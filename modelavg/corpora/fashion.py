@@ -121,7 +121,8 @@ def _readme(counts: dict[str, int], utt_size: int, cv_fraction: float, seed: int
     classes = ", ".join(f"{i} {c}" for i, c in enumerate(CLASSES))
     return f"""# Fashion-MNIST as Kaldi data directories
 
-Written by `modelavg.data.fashion.prepare_fashion` from the Debian package `dataset-fashion-mnist`
+Written by `modelavg.corpora.fashion.prepare_fashion` from the Debian package
+`dataset-fashion-mnist`
 (idx.gz files in {src}).
 
 - Each utterance is {utt_size} images stacked as frames: 784 float32 values (pixel / 255) per frame,
@@ -193,7 +194,7 @@ def prepare_fashion(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m modelavg.data.fashion [--out-dir DIR] ...``"""
+    """``python -m modelavg.corpora.fashion [--out-dir DIR] ...``"""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default="data/fashion")
     p.add_argument("--utt-size", type=int, default=100)
