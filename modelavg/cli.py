@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modelavg.config import TrainConfig, config_fields, load_config
-from modelavg.errors import UsageError, WorkerLost
+from modelavg.errors import ModelavgError, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -407,14 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         code = handlers[args.command](args, argv)
-    except UsageError as exc:
+    except ModelavgError as exc:
         print(f"modelavg: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
-        code = 2
-    except WorkerLost as exc:
-        from modelavg.launch import PEER_LOST
-
-        print(f"modelavg: error: {exc}", file=sys.stderr)
-        code = PEER_LOST
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("modelavg: interrupted", file=sys.stderr)
         code = 130

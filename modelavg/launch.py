@@ -29,7 +29,7 @@ from modelavg.comm.base import Communicator
 from modelavg.comm.inprocess import InProcessCommunicator
 from modelavg.errors import UsageError, WorkerLost
 
-PEER_LOST = 3  # exit code of a worker that stopped because another one died
+PEER_LOST = WorkerLost.exit_code  # a worker that stopped because another one died
 
 
 @dataclass(frozen=True)

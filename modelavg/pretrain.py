@@ -54,7 +54,7 @@ from modelavg.config import ParallelOptions, check, opt, read_options
 from modelavg.data.frames import FrameTable, mean_std, moment_sums
 from modelavg.data.kaldi import Corpus, read_corpus
 from modelavg.data.shards import epoch_order, minibatches, partition, rounds_per_epoch
-from modelavg.errors import UsageError
+from modelavg.errors import Infeasible, UsageError
 from modelavg.io import atomic_write_bytes
 from modelavg.nets.rbm import (
     DBN,
@@ -235,7 +235,7 @@ def load_pretrain_data(cfg: PretrainConfig, comm: Communicator) -> PretrainData:
     shard_frames = [sum(len(feats[u]) for u in s) for s in shards]
     rounds = rounds_per_epoch(shard_frames, cfg.avg_every, cfg.minibatch)
     if rounds == 0:
-        raise UsageError(
+        raise Infeasible(
             f"--avg-every {cfg.avg_every} x --minibatch {cfg.minibatch} frames exceeds the "
             f"smallest shard ({min(shard_frames)} frames with {comm.num_workers} workers): "
             "lower one of them or --workers"

@@ -21,7 +21,7 @@ from modelavg.config import TrainConfig
 from modelavg.data.frames import FrameTable, mean_std, moment_sums
 from modelavg.data.kaldi import Corpus, read_corpus
 from modelavg.data.shards import partition, rounds_per_epoch
-from modelavg.errors import UsageError
+from modelavg.errors import Infeasible, UsageError
 from modelavg.nets.dnn import DNN, DNNSpec
 
 
@@ -85,7 +85,7 @@ def load_training_data(cfg: TrainConfig, comm: Communicator) -> TrainingData:
     cv_shards = partition({u: len(m) for u, m in cv.feats.items()}, n, allow_empty=True)
     shard_frames = [sum(len(corpus.feats[u]) for u in s) for s in shards]
     if rounds_per_epoch(shard_frames, cfg.avg_every, cfg.minibatch) == 0:
-        raise UsageError(
+        raise Infeasible(
             f"--avg-every {cfg.avg_every} x --minibatch {cfg.minibatch} frames exceeds the smallest"
             " "
             f"shard ({min(shard_frames)} frames with {n} workers): lower one of them or --workers"
