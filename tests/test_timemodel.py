@@ -9,9 +9,10 @@ import math
 
 import pytest
 
-from modelavg import timemodel as tm
+from modelavg.analysis import calibration as cb
+from modelavg.analysis import timemodel as tm
 
-# The paper's table, brief paper.md §4.1 (minutes per epoch): test inputs, typed independently.
+# The data of the paper's speedup figure (minutes per epoch): test inputs, typed independently.
 GPUS = [1, 2, 4, 8, 16, 32]
 EPOCH = [254.5, 183.4, 96.0, 51.0, 27.3, 15.24]
 MPI = [0.0, 19.9, 12.9, 7.62, 4.31, 2.31]
@@ -112,7 +113,7 @@ def test_fit_link_recovers_a_known_link() -> None:
     for beta_h in (3e9, None):
         ns = [1, 2, 4, 8, 16, 32, 64]
         mpi = [F / (n * B * K) * ring(n, M, 2e-4, 1.5e9, beta_h) for n in ns]
-        fit = tm.fit_link(
+        fit = cb.fit_link(
             ns,
             mpi,
             frames_per_epoch=F,
@@ -131,7 +132,7 @@ def test_fit_link_recovers_a_known_link() -> None:
 def test_fit_link_keeps_parameters_non_negative() -> None:
     ns = [2, 4, 8, 16, 32]  # shrinking per-step cost: least squares would want a negative latency
     mpi = [F / (n * B * K) * (2 * (n - 1) / n * M / 1e9 - 1e-3 * (n - 1)) for n in ns]
-    fit = tm.fit_link(ns, mpi, frames_per_epoch=F, minibatch=B, avg_every=K, model_bytes=M)
+    fit = cb.fit_link(ns, mpi, frames_per_epoch=F, minibatch=B, avg_every=K, model_bytes=M)
     assert fit.link.latency_s >= 0 and fit.staging_s >= 0 and fit.link.bandwidth_Bps > 0
 
 
@@ -140,7 +141,7 @@ def test_fit_compute_recovers_overheads() -> None:
     t1 = 1000.0
     epoch = [t1] + [t1 * 1.2 / n + 30.0 + 5.0 for n in ns[1:]]
     mpi = [0.0] + [5.0] * 3
-    fit = tm.fit_compute(ns, epoch, mpi, frames_per_epoch=F, minibatch=B)
+    fit = cb.fit_compute(ns, epoch, mpi, frames_per_epoch=F, minibatch=B)
     assert fit.t1_s == t1 and fit.step_seconds == pytest.approx(t1 / (F / B))
     assert fit.parallel_overhead == pytest.approx(0.2) and fit.parallel_fixed_s == pytest.approx(
         30.0
@@ -148,8 +149,8 @@ def test_fit_compute_recovers_overheads() -> None:
 
 
 @pytest.fixture(scope="module")
-def cal() -> tm.Calibration:
-    return tm.calibration_report()
+def cal() -> cb.Calibration:
+    return cb.calibration_report()
 
 
 def _sse(alpha: float, beta: float, beta_h: float) -> float:
@@ -159,7 +160,7 @@ def _sse(alpha: float, beta: float, beta_h: float) -> float:
     )
 
 
-def test_calibration_reproduces_mpi_column(cal: tm.Calibration) -> None:
+def test_calibration_reproduces_mpi_column(cal: cb.Calibration) -> None:
     link = cal.link_fit.link
     a, b, h = link.latency_s, link.bandwidth_Bps, link.host_bandwidth_Bps
     assert h is not None and a > 0
@@ -178,7 +179,7 @@ def test_calibration_reproduces_mpi_column(cal: tm.Calibration) -> None:
         assert _sse(a * da, b * db, h * dh) >= best
 
 
-def test_calibration_epoch_rows(cal: tm.Calibration) -> None:
+def test_calibration_epoch_rows(cal: cb.Calibration) -> None:
     c = cal.compute
     t1 = EPOCH[0] * 60
     assert c.t1_s == pytest.approx(t1)
@@ -200,7 +201,7 @@ def test_calibration_epoch_rows(cal: tm.Calibration) -> None:
             assert row["naive_rel_err"] < -0.19
 
 
-def test_held_out_k20_and_units(cal: tm.Calibration) -> None:
+def test_held_out_k20_and_units(cal: cb.Calibration) -> None:
     v = cal.validation
     assert v["speedup"] == 10.07 and abs(v["rel_err"]) < 0.02
     assert v["speedup_if_per_round"] > 1.05 * 10.07  # overhead per averaging round: rejected

@@ -64,7 +64,6 @@ class Averager(ABC):
     def __init__(self, comm: Communicator) -> None:
         self.comm = comm
         self.syncs = 0
-        self.bytes_reduced = 0
 
     def start(self, models: list[nn.Module]) -> None:  # noqa: B027
         """Called when the replicas hold a fresh global model (start, resume, rollback)."""
@@ -81,11 +80,9 @@ class Averager(ABC):
                 if flat is not getattr(model, "_flat_parameters", None):
                     unflatten_(flat, model)
         self.syncs += 1
-        self.bytes_reduced += flats[0].numel() * flats[0].element_size()
 
     def state_dict(self) -> dict:
-        return {"syncs": self.syncs, "bytes_reduced": self.bytes_reduced}
+        return {"syncs": self.syncs}
 
     def load_state_dict(self, state: dict) -> None:
         self.syncs = state["syncs"]
-        self.bytes_reduced = state["bytes_reduced"]

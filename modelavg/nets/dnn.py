@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from modelavg.errors import UsageError
+from modelavg.io import atomic_save
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 FORMAT = "modelavg-dnn-1"
@@ -82,8 +83,6 @@ class DNN(nn.Module):
 
 def save_model(path: str | os.PathLike, model: DNN, extra: dict | None = None) -> None:
     """Write the model file (spec + weights + normalisation) atomically."""
-    from modelavg.io import atomic_save
-
     atomic_save(
         {
             "format": FORMAT,

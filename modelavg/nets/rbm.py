@@ -1,6 +1,7 @@
-"""RBM pretraining as in Kaldi nnet1 (`pretrain_dbn.sh`, `rbm-train-cd1-frmshuff`), brief §6.
+"""One RBM and its CD-1 training, as in Kaldi nnet1 (`steps/nnet/pretrain_dbn.sh`,
+`rbm-train-cd1-frmshuff`), which produced the DBN the paper fine-tunes (its table "Comparing RBM
+pretraining with random initialization"). The stack of RBMs is :mod:`modelavg.nets.dbn`.
 
-One RBM per hidden layer; the stack is a DBN whose layers initialise the DNN's sigmoid layers.
 Energies (hidden units are always Bernoulli, Gaussian visibles have unit variance)::
 
     Bernoulli visible:  E(v, h) = -b_v.v - b_h.h - h.W v
@@ -26,40 +27,28 @@ Example::
 
     rbm = RBM(440, 2048, "gaussian")
     trainer = CD1Trainer(rbm, CD1Config.for_visible_type("gaussian"), seed=0)
-    for v in minibatches:          # MINIBATCH_SIZE frames each, globally mean/var normalised
+    for v in minibatches:          # 100 frames each (the recipe), globally mean/var normalised
         result = trainer.step(v)   # result.reconstruction_error, result.guard_fired, ...
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-import tempfile
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from modelavg.errors import UsageError
-
 VisibleType = Literal["gaussian", "bernoulli"]
 VISIBLE_TYPES: tuple[str, ...] = ("gaussian", "bernoulli")
 
-# Recipe defaults (brief §6).
-MINIBATCH_SIZE = 100
+# Defaults of Kaldi's steps/nnet/pretrain_dbn.sh.
 L2 = 2e-4
 LR_GAUSSIAN = 0.01  # rbm_lrate_low: first layer
 LR_BERNOULLI = 0.4  # rbm_lrate: layers 2..
 WEIGHT_STD = 0.1  # param_stddev(_first)
-FIRST_LAYER_EPOCH_FACTOR = 2  # the Gaussian RBM runs 2 x rbm_iter epochs
 BIAS_PROB_EPS = 1e-4  # clamp for logit(p_active)
-
-DBN_FORMAT = "modelavg-dbn-1"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,9 +98,6 @@ class RBM(nn.Module):
         """E[v | h] = h W + b_v (Gaussian) or sigmoid(h W + b_v) (Bernoulli)."""
         pre = torch.addmm(self.visible_bias, h, self.weight)
         return pre if self.gaussian else torch.sigmoid(pre)
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.hidden_probs(v)
 
     @torch.no_grad()
     def reconstruct(self, v: torch.Tensor) -> torch.Tensor:
@@ -183,7 +169,7 @@ def cd1_statistics(rbm: RBM, v: torch.Tensor, generator: torch.Generator | None 
 
 @dataclass
 class CD1Config:
-    """Hyper-parameters of one RBM's CD-1 training (defaults: Kaldi nnet1 recipe, brief §6).
+    """Hyper-parameters of one RBM's CD-1 training (defaults: Kaldi's `pretrain_dbn.sh`).
 
     ``with_bug`` reproduces Kaldi's default ``--with-bug=true``: the momentum *used* is
     ``momentum_max`` from the first minibatch, while the lr factor (1 - ramped momentum) still goes
@@ -260,9 +246,9 @@ class StepResult:
 class CD1Trainer:
     """Stateful CD-1 training of one RBM.
 
-    State: momentum buffers, base lr (lowered by the guard), frames seen (drives the ramp), guard
-    firings, RNG. ``frames_seen`` counts this trainer's frames; a data-parallel driver that wants
-    the ramp to follow the global frame count may add the other workers' frames to it.
+    State: momentum buffers, base lr (lowered by the guard), frames seen (drives the ramp), RNG.
+    ``frames_seen`` counts this trainer's frames; a data-parallel driver that wants the ramp to
+    follow the global frame count may add the other workers' frames to it.
     """
 
     def __init__(self, rbm: RBM, config: CD1Config | None = None, seed: int | None = None) -> None:
@@ -271,8 +257,6 @@ class CD1Trainer:
         self.lr = self.config.lr
         self.lr_scale = 1.0  # product of guard decays since the last ramp step
         self.frames_seen = 0
-        self.steps = 0
-        self.guard_count = 0
         self._ramp_period = 0
         self.generator = torch.Generator(device=rbm.weight.device)
         if seed is None:
@@ -303,7 +287,6 @@ class CD1Trainer:
         _check_finite(v, stats.reconstruction)
         error = squared_error_per_frame(v, stats.reconstruction)
         self.frames_seen += v.shape[0]
-        self.steps += 1
         if self.rbm.gaussian:
             scale = self._guard(v, stats.reconstruction)
             if scale is not None:
@@ -337,7 +320,6 @@ class CD1Trainer:
             self.lr_scale *= self.config.guard_lr_decay
         else:
             self.lr *= self.config.guard_lr_decay
-        self.guard_count += 1
         return scale
 
     def _apply_update(self, stats: CD1Stats, momentum: float, lr: float) -> None:
@@ -363,8 +345,6 @@ class CD1Trainer:
             "lr": self.lr,
             "lr_scale": self.lr_scale,
             "frames_seen": self.frames_seen,
-            "steps": self.steps,
-            "guard_count": self.guard_count,
             "ramp_period": self._ramp_period,
             "rng_state": self.generator.get_state(),
         }
@@ -376,8 +356,6 @@ class CD1Trainer:
         self.lr = float(state["lr"])
         self.lr_scale = float(state["lr_scale"])
         self.frames_seen = int(state["frames_seen"])
-        self.steps = int(state["steps"])
-        self.guard_count = int(state["guard_count"])
         self._ramp_period = int(state["ramp_period"])
         self.generator.set_state(state["rng_state"])
 
@@ -386,185 +364,3 @@ def _check_finite(v: torch.Tensor, recon: torch.Tensor) -> None:
     """Kaldi aborts on NaN/inf in CD-1 buffers; a NaN would also slip past the guard's test."""
     if not (torch.isfinite(v).all() and torch.isfinite(recon).all()):
         raise FloatingPointError("non-finite values in RBM input or reconstruction")
-
-
-# --------------------------------------------------------------------------------------------------
-# Recipe plan
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    index: int  # 0-based
-    visible_dim: int
-    hidden_dim: int
-    visible_type: VisibleType
-    lr: float
-    epochs: int
-
-
-def pretraining_plan(
-    input_dim: int, hidden_dim: int = 2048, depth: int = 6, rbm_iter: int = 1
-) -> list[LayerPlan]:
-    """The recipe's stack: a Gaussian RBM (lr 0.01, 2 x rbm_iter epochs), then Bernoulli RBMs
-    (lr 0.4, rbm_iter epochs). Every layer uses minibatch MINIBATCH_SIZE and l2 L2."""
-    plans = []
-    for i in range(depth):
-        first = i == 0
-        plans.append(
-            LayerPlan(
-                index=i,
-                visible_dim=input_dim if first else hidden_dim,
-                hidden_dim=hidden_dim,
-                visible_type="gaussian" if first else "bernoulli",
-                lr=LR_GAUSSIAN if first else LR_BERNOULLI,
-                epochs=rbm_iter * (FIRST_LAYER_EPOCH_FACTOR if first else 1),
-            )
-        )
-    return plans
-
-
-# --------------------------------------------------------------------------------------------------
-# DBN: stacking, files, conversion to DNN layers
-# --------------------------------------------------------------------------------------------------
-
-
-class DBN(nn.Module):
-    """A stack of RBMs; layer i's hidden probabilities are layer i+1's visible data."""
-
-    def __init__(self, rbms: Iterable[RBM] = ()) -> None:
-        super().__init__()
-        self.rbms = nn.ModuleList()
-        for rbm in rbms:
-            self.append(rbm)
-
-    def append(self, rbm: RBM) -> None:
-        if len(self.rbms) and rbm.visible_dim != self.rbms[-1].hidden_dim:
-            raise ValueError(
-                f"RBM visible dim {rbm.visible_dim} != previous hidden dim {self.output_dim}"
-            )
-        self.rbms.append(rbm)
-
-    def __len__(self) -> int:
-        return len(self.rbms)
-
-    def __iter__(self) -> Iterator[RBM]:
-        return iter(self.rbms)
-
-    def __getitem__(self, i: int) -> RBM:
-        return self.rbms[i]
-
-    @property
-    def input_dim(self) -> int:
-        return self.rbms[0].visible_dim
-
-    @property
-    def output_dim(self) -> int:
-        return self.rbms[-1].hidden_dim
-
-    @torch.no_grad()
-    def transform(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-        """sigmoid hidden probabilities through the first ``upto`` RBMs (all if None): the input
-        of RBM number ``upto`` in the recipe (no sampling between layers)."""
-        upto = len(self) if upto is None else upto
-        if not 0 <= upto <= len(self):
-            raise ValueError(f"upto={upto} outside 0..{len(self)}")
-        for rbm in list(self.rbms)[:upto]:
-            x = rbm.hidden_probs(x)
-        return x
-
-
-def save_dbn(
-    path: str | os.PathLike,
-    rbms: Iterable[RBM],
-    feature_transform_state: dict[str, Any] | None = None,
-) -> None:
-    """Write the stack (plain tensors, dims, types) atomically: temp file, fsync, os.replace.
-
-    ``feature_transform_state`` (e.g. the global mean/std the RBMs were trained on) must be plain
-    data - tensors, numbers, strings and containers - so it loads with ``weights_only=True``.
-    """
-    layers = [
-        {
-            "visible_dim": rbm.visible_dim,
-            "hidden_dim": rbm.hidden_dim,
-            "visible_type": rbm.visible_type,
-            "state": {k: t.detach().cpu().clone() for k, t in rbm.state_dict().items()},
-        }
-        for rbm in rbms
-    ]
-    payload = {"format": DBN_FORMAT, "layers": layers, "feature_transform": feature_transform_state}
-    _atomic_torch_save(payload, Path(path))
-
-
-def load_dbn(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> tuple[DBN, dict[str, Any] | None]:
-    """Read a file written by :func:`save_dbn`: (DBN, feature_transform_state)."""
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such DBN file") from None
-    except Exception as exc:  # unpickling errors come in many types
-        raise UsageError(f"{path}: not a readable DBN file ({exc.__class__.__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != DBN_FORMAT:
-        raise UsageError(f"{path}: not a {DBN_FORMAT} file")
-    dbn = DBN()
-    for layer in payload["layers"]:
-        rbm = RBM(layer["visible_dim"], layer["hidden_dim"], layer["visible_type"])
-        rbm.load_state_dict(layer["state"])
-        dbn.append(rbm.to(map_location))
-    return dbn, payload["feature_transform"]
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """A crash leaves either the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where directories can be fsynced
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def dbn_to_linear_layers(dbn: Iterable[RBM]) -> list[nn.Linear]:
-    """nn.Linear(V, H) per RBM with (weight, hidden_bias) copied: sigmoid(layer(x)) equals
-    rbm.hidden_probs(x), so a sigmoid DNN built from these starts as the DBN's up-pass."""
-    layers = []
-    for rbm in dbn:
-        linear = nn.Linear(rbm.visible_dim, rbm.hidden_dim)
-        with torch.no_grad():
-            linear.weight.copy_(rbm.weight)
-            linear.bias.copy_(rbm.hidden_bias)
-        layers.append(linear.to(rbm.weight.device))
-    return layers
-
-
-def kaldi_weight_std(in_dim: int, out_dim: int) -> float:
-    """nnet1 proto init: sigma = 0.1 * 35 * sqrt(2 / (d_in + d_out)); 2048 -> 8806 gives 0.0475."""
-    return 0.1 * 35.0 * math.sqrt(2.0 / (in_dim + out_dim))
-
-
-def kaldi_softmax_init(
-    in_dim: int, out_dim: int, generator: torch.Generator | None = None
-) -> nn.Linear:
-    """The new output layer put on top of the DBN: W ~ N(0, kaldi_weight_std^2), bias 0."""
-    linear = nn.Linear(in_dim, out_dim)
-    with torch.no_grad():
-        std = kaldi_weight_std(in_dim, out_dim)
-        linear.weight.copy_(torch.randn(out_dim, in_dim, generator=generator) * std)
-        linear.bias.zero_()
-    return linear
