@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import modelavg.corpora.asterisk as demo
+from modelavg.corpora.text import normalize_text
 from modelavg.data.kaldi import read_corpus
 from modelavg.errors import UsageError
 
@@ -140,4 +141,4 @@ def test_bad_max_utts(tmp_path):
 )
 def test_normalize_text(raw, spoken):
     expected = spoken if spoken is not None else raw.lower().rstrip(".")
-    assert demo.normalize_text(raw) == expected
+    assert normalize_text(raw) == expected

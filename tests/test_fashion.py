@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelavg.data import fashion
+from modelavg.corpora import fashion
 from modelavg.data.kaldi import read_corpus
 from modelavg.errors import UsageError
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelavg.corpora import synthetic
 from modelavg.corpora.asterisk import ASTERISK_TRANSCRIPT
-from modelavg.data import synthetic
 from modelavg.data.kaldi import read_corpus, read_labels
 from modelavg.errors import UsageError
 from modelavg.phones import load_class_map

@@ -1,1 +1,2 @@
-"""corpora"""
+"""Builders of the bundled data sets (Kaldi data directories from Debian packages); training never
+imports them."""

@@ -12,18 +12,16 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import math
 import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from modelavg.data.kaldi import write_data_dir
 from modelavg.errors import UsageError
+from modelavg.io import atomic_write_bytes
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
@@ -183,32 +181,10 @@ def prepare_fashion(
         feats, targets = _utterances(name, images, labels, idx, utt_size)
         write_data_dir(out / name, feats, targets)
         counts[f"{name}_images"], counts[f"{name}_utts"] = len(idx), len(feats)
-    (out / "README.md").write_text(
-        _readme(counts, utt_size, cv_fraction, seed, src), encoding="utf-8"
-    )
+    readme = _readme(counts, utt_size, cv_fraction, seed, src)
+    atomic_write_bytes(readme.encode("utf-8"), out / "README.md")
     summary = ", ".join(
         f"{s} {counts[s + '_images']} images / {counts[s + '_utts']} utts" for s in splits
     )
     print(f"fashion-mnist -> {out}: {summary}")
     return counts
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m modelavg.corpora.fashion [--out-dir DIR] ...``"""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out-dir", default="data/fashion")
-    p.add_argument("--utt-size", type=int, default=100)
-    p.add_argument("--cv-fraction", type=float, default=1 / 12)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-images", type=int, default=None)
-    args = p.parse_args(argv)
-    try:
-        prepare_fashion(args.out_dir, args.utt_size, args.cv_fraction, args.seed, args.max_images)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
 """Synthetic speech corpus for scale studies: festival sentences with exact phone-state targets.
 
-The real demo corpus holds about 100k frames, too few for N = 16-32 workers to average many
-times per epoch. Festival (Debian ``festival festvox-kallpc16k festlex-cmu``) synthesises any
-amount of speech offline and knows where every phone starts and ends, so a corpus of millions of
-labelled frames costs minutes. It is synthetic (one diphone voice), never a substitute for real
+The real demo corpus is too small for N = 16-32 workers to average many times per epoch (its
+size: docs/RESULTS.md). Festival (Debian ``festival festvox-kallpc16k festlex-cmu``) synthesises
+any amount of speech offline and knows where every phone starts and ends, so a corpus of millions
+of labelled frames is cheap. It is synthetic (one diphone voice), never a substitute for real
 speech: use it to study how training scales, and the demo corpus for how well a model recognises.
 
 Choices (also written to the corpus README):
@@ -16,8 +16,8 @@ Choices (also written to the corpus README):
 * Targets: each phone segment's frames are split into ``STATES_PER_PHONE`` equal parts, the
   left-to-right HMM states of a GMM-HMM system; a frame belongs to the segment holding its
   centre. Classes are every (phone, state) pair seen, in sorted order.
-* Features: the demo corpus's 40-dim log-mel filterbank (kaldi-native-fbank), so models and
-  recipes carry over. Every utterance's random draws depend only on (seed, utterance index): the
+* Features: the demo corpus's log-mel filterbank (``corpora.audio``), so models and recipes
+  carry over. Every utterance's random draws depend only on (seed, utterance index): the
   corpus is byte-identical whatever ``jobs``.
 
 Example::
@@ -38,18 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-from modelavg.corpora.asterisk import (
-    ASTERISK_TRANSCRIPT,
-    NUM_MEL_BINS,
-    fbank,
-    load_audio_16k,
-    normalize_text,
-    read_asterisk_transcripts,
-    split_utts,
-    write_lines,
-    write_split,
-)
+from modelavg.corpora.asterisk import ASTERISK_TRANSCRIPT
+from modelavg.corpora.audio import NUM_MEL_BINS, fbank, load_audio_16k
+from modelavg.corpora.datadir import split_utts, write_lines, write_split
+from modelavg.corpora.text import normalize_text, read_asterisk_transcripts
 from modelavg.errors import UsageError
+from modelavg.io import atomic_write_bytes
 
 APT_INSTALL = "apt-get install -y festival festvox-kallpc16k festlex-cmu asterisk-core-sounds-en"
 STATES_PER_PHONE = 3
@@ -60,7 +54,7 @@ F0_STD_HZ = (8.0, 30.0)
 GAIN_DB = (-20.0, 0.0)
 TILT = (-0.5, 0.8)  # y[n] = x[n] - a x[n-1]: a > 0 brightens, a < 0 darkens
 SNR_DB = (15.0, 35.0)
-UTTS_PER_CALL = 40  # sentences per festival process: start-up (~0.3 s) amortised, bar still moves
+UTTS_PER_CALL = 40  # sentences per festival process: its start-up amortised, the bar still moves
 SPEAKER = "festival-kal"
 FRAME_SHIFT_S = 0.010
 FRAME_LENGTH_S = 0.025
@@ -372,7 +366,7 @@ def prepare_synthetic(
         (f"{i} {class_name(c)} {c[0] if len(c) == 2 else c[1]}" for i, c in enumerate(classes)),
     )
     write_lines(out / "phones.txt", (f"{i} {p}" for i, p in enumerate(phone_names)))
-    (out / "README.md").write_text(_readme(counts, seed), encoding="utf-8")
+    atomic_write_bytes(_readme(counts, seed).encode("utf-8"), out / "README.md")
     sizes = ", ".join(
         f"{k} {v['utterances']} utts {v['frames']} frames" for k, v in counts["splits"].items()
     )

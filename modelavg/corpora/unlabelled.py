@@ -1,8 +1,9 @@
 """Unlabelled speech for RBM pretraining: the Asterisk prompts in other languages, features only.
 
-Debian packages ``asterisk-core-sounds-{es,fr,it,ru}-wav`` hold about 2,300 prompts by four other
-speakers. Their 40-dim log-mel features (the demo corpus's front end) make a ``feats.scp``-only
-data directory that ``modelavg pretrain`` can use; no transcripts or alignments are needed.
+Debian packages ``asterisk-core-sounds-{es,fr,it,ru}-wav`` hold the prompts of four other
+speakers. Their log-mel features (``corpora.audio``, the demo corpus's front end) make a
+``feats.scp``-only data directory that ``modelavg pretrain`` can use; no transcripts or
+alignments are needed.
 
 Example::
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from modelavg.corpora.asterisk import fbank, load_audio_16k
+from modelavg.corpora.audio import fbank, load_audio_16k
 from modelavg.data.kaldi import write_data_dir
 from modelavg.errors import UsageError
 

@@ -13,7 +13,8 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ TARGETS = "targets.scp"
 # An utterance whose feature and target lengths differ by at most this many frames is trimmed to the
 # shorter one (feature extractors and aligners often disagree by one frame at the end).
 LENGTH_TOLERANCE = 2
+_BINARY = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffd]")  # in an scp: not a text file
 
 
 @dataclass
@@ -63,24 +65,86 @@ def rspecifier(data_dir: str | os.PathLike, spec: str | None, default_name: str)
     return ("scp:" if path.suffix == ".scp" else "ark:") + str(path)
 
 
-def _read_table(spec: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (utt, array) from a kaldiio rspecifier; any read failure becomes a UsageError."""
-    where = spec.split(":", 1)[1]
+def _where(spec: str) -> str:
+    """The file (or command) an rspecifier reads, for messages."""
+    return spec.split(":", 1)[1]
+
+
+def _reason(exc: Exception) -> str:
+    """One line saying why kaldiio could not read something."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    detail = " ".join(str(exc).split())
+    return "truncated or corrupt data" + (f": {type(exc).__name__}: {detail}" if detail else "")
+
+
+def _array(where: str, utt: str, value: object) -> np.ndarray:
+    if isinstance(value, tuple):  # wav.scp-style (rate, samples) is not a feature table
+        raise UsageError(f"{where}: utterance {utt} is audio, not a matrix")
+    return np.asarray(value)
+
+
+def _read_scp(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Entries of an scp read one by one, so a failure names its line or utterance and ark."""
     try:
-        with kaldiio.ReadHelper(spec) as reader:
-            it = iter(reader)
-            while True:
+        lines = kaldiio.open_like_kaldi(path, "rb")  # bytes: a binary file is garbled, not a crash
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({_reason(exc)})") from None
+    arks: dict = {}  # open ark files, shared by the entries that point into them
+    try:
+        with lines:
+            for n, raw in enumerate(lines, 1):
+                line = raw.decode("utf-8", errors="replace")
+                fields = line.split(None, 1)
+                if len(fields) != 2 or _BINARY.search(line):
+                    raise UsageError(
+                        f"{path}: cannot read line {n} ({line.strip()[:60]!r}): "
+                        "expected '<utterance> <ark>:<offset>'"
+                    )
+                utt, entry = fields[0], fields[1].strip()
                 try:
-                    utt, value = next(it)
-                except StopIteration:
+                    value = kaldiio.load_mat(entry, fd_dict=arks)
+                except Exception as exc:  # kaldiio raises many types for bad arks and offsets
+                    raise UsageError(
+                        f"{path}: cannot read utterance {utt} from {entry} ({_reason(exc)})"
+                    ) from None
+                yield utt, _array(path, utt, value)
+    finally:
+        for fd in arks.values():
+            fd.close()
+
+
+def _read_ark(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Records of an ark (file or pipe); a failure names the utterance being read or the last."""
+    try:
+        stream = kaldiio.open_like_kaldi(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({_reason(exc)})") from None
+    previous = None
+    with stream:
+        while True:
+            utt = None
+            try:
+                utt = kaldiio.matio.read_token(stream)
+                if utt is None:
                     return
-                if isinstance(value, tuple):  # wav.scp-style (rate, samples) is not a feature table
-                    raise UsageError(f"{where}: utterance {utt} is audio, not a matrix")
-                yield utt, np.asarray(value)
-    except UsageError:
-        raise
-    except Exception as exc:  # kaldiio raises many types for truncated or missing arks
-        raise UsageError(f"{where}: cannot read ({type(exc).__name__}: {exc})") from None
+                value = kaldiio.matio.read_kaldi(stream)
+            except Exception as exc:  # kaldiio raises many types for truncated or corrupt arks
+                if utt is not None:
+                    record = f"utterance {utt}"
+                elif previous is None:
+                    record = "its first record"
+                else:
+                    record = f"the record after utterance {previous}"
+                raise UsageError(f"{path}: cannot read {record} ({_reason(exc)})") from None
+            previous = utt
+            yield utt, _array(path, utt, value)
+
+
+def _read_table(spec: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (utt, array) from a kaldiio rspecifier; any read failure is a one-line UsageError."""
+    parsed = kaldiio.parse_specifier(spec)
+    return _read_scp(parsed["scp"]) if parsed["scp"] is not None else _read_ark(parsed["ark"])
 
 
 def read_labels(
@@ -100,36 +164,30 @@ def read_corpus(
     need_targets: bool = True,
     skip_bad_utts: bool = False,
 ) -> Corpus:
-    """Read and validate a data directory; each problem is a one-line UsageError naming the culprit.
+    """Read and validate a data directory; each problem is a one-line UsageError naming the file
+    and, where there is one, the utterance.
 
-    With ``skip_bad_utts`` utterances lacking a partner or with NaN/Inf are dropped (and counted in
-    ``Corpus.source``) instead of refused.
+    With ``skip_bad_utts`` an utterance unusable on its own (no frames, NaN/Inf, a negative class
+    id, no partner, targets and frames that differ by more than ``LENGTH_TOLERANCE``) is dropped
+    and counted in ``Corpus.source``, as Kaldi's nnet1 trainers skip such utterances. Faults of a
+    whole table still fail: unreadable or garbled files, duplicate ids, matrices of another
+    shape or type than the rest.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir() and feats is None:
         raise UsageError(f"{data_dir}: not a data directory")
-    feat_spec = rspecifier(data_dir, feats, FEATS)
-    fdict: dict[str, np.ndarray] = {}
-    dim = None
     skipped: set[str] = set()
-    for utt, mat in _read_table(feat_spec):
-        where = f"{feat_spec.split(':', 1)[1]}: utterance {utt}"
-        if mat.ndim != 2 or mat.shape[0] == 0:
-            raise UsageError(f"{where}: expected a non-empty frames x dims matrix, got {mat.shape}")
-        if not np.isfinite(mat).all():
-            if skip_bad_utts:
-                skipped.add(utt)
-                continue
-            raise UsageError(f"{where}: features contain NaN or Inf")
-        if dim is None:
-            dim = mat.shape[1]
-        elif mat.shape[1] != dim:
-            raise UsageError(f"{where}: feature dimension {mat.shape[1]}, expected {dim}")
-        if utt in fdict:
-            raise UsageError(f"{where}: duplicate utterance id")
-        fdict[utt] = mat.astype(np.float32, copy=False)
+
+    def bad(utt: str, message: str) -> None:
+        if not skip_bad_utts:
+            raise UsageError(message)
+        skipped.add(utt)
+
+    feat_spec = rspecifier(data_dir, feats, FEATS)
+    fdict = _read_feats(feat_spec, bad)
     if not fdict:
-        raise UsageError(f"{feat_spec.split(':', 1)[1]}: no utterances")
+        dropped = f" ({len(skipped)} bad utterances skipped)" if skipped else ""
+        raise UsageError(f"{_where(feat_spec)}: no utterances{dropped}")
 
     tdict: dict[str, np.ndarray] | None = None
     has_targets = need_targets and (targets is not None or (data_dir / TARGETS).exists())
@@ -137,31 +195,16 @@ def read_corpus(
         raise UsageError(f"{data_dir / TARGETS}: no such file (per-frame class ids are needed)")
     if has_targets:
         tgt_spec = rspecifier(data_dir, targets, TARGETS)
-        tdict = {}
-        for utt, vec in _read_table(tgt_spec):
-            where = f"{tgt_spec.split(':', 1)[1]}: utterance {utt}"
-            if vec.ndim != 1 or not np.issubdtype(vec.dtype, np.integer):
-                raise UsageError(f"{where}: expected an int32 vector of class ids, got {vec.dtype}")
-            if (vec < 0).any():
-                raise UsageError(f"{where}: negative class id {int(vec.min())}")
-            if utt not in fdict:
-                if skip_bad_utts:
-                    skipped.add(utt)
-                    continue
-                raise UsageError(f"{where}: targets but no features")
-            n = len(fdict[utt])
-            if abs(len(vec) - n) > LENGTH_TOLERANCE:
-                raise UsageError(f"{where}: {len(vec)} targets for {n} feature frames")
-            tdict[utt] = vec.astype(np.int64)
-        missing = [u for u in fdict if u not in tdict]
-        if missing and not skip_bad_utts:
-            raise UsageError(
-                f"{feat_spec.split(':', 1)[1]}: utterance {missing[0]} has features "
-                f"but no targets ({len(missing)} such)"
+        tdict = _read_targets(tgt_spec, fdict, bad)
+        missing = [u for u in fdict if u not in tdict and u not in skipped]
+        if missing:
+            bad(
+                missing[0],
+                f"{_where(tgt_spec)}: utterance {missing[0]} has features but no targets "
+                f"({len(missing)} such)",
             )
-        for utt in missing:
-            del fdict[utt]
-            skipped.add(utt)
+            skipped.update(missing)
+        fdict = {u: m for u, m in fdict.items() if u in tdict}
         for utt, vec in tdict.items():  # trim the small length mismatches to the shorter side
             n = min(len(vec), len(fdict[utt]))
             fdict[utt], tdict[utt] = fdict[utt][:n], vec[:n]
@@ -169,6 +212,57 @@ def read_corpus(
             raise UsageError(f"{data_dir}: no utterance has both features and targets")
     source = str(data_dir) + (f" ({len(skipped)} bad utterances skipped)" if skipped else "")
     return Corpus(fdict, tdict, source)
+
+
+def _read_feats(spec: str, bad: Callable[[str, str], None]) -> dict[str, np.ndarray]:
+    """The float32 matrices of a feature table, checked utterance by utterance."""
+    fdict: dict[str, np.ndarray] = {}
+    seen: set[str] = set()
+    dim = None
+    for utt, mat in _read_table(spec):
+        where = f"{_where(spec)}: utterance {utt}"
+        if utt in seen:
+            raise UsageError(f"{where}: duplicate utterance id")
+        seen.add(utt)
+        if mat.ndim != 2 or mat.shape[1] == 0 or not np.issubdtype(mat.dtype, np.number):
+            raise UsageError(f"{where}: expected a non-empty frames x dims matrix, got {mat.shape}")
+        if dim is not None and mat.shape[1] != dim:
+            raise UsageError(f"{where}: feature dimension {mat.shape[1]}, expected {dim}")
+        dim = mat.shape[1]
+        if mat.shape[0] == 0:
+            bad(utt, f"{where}: expected a non-empty frames x dims matrix, got {mat.shape}")
+        elif not np.isfinite(mat).all():
+            bad(utt, f"{where}: features contain NaN or Inf")
+        else:
+            fdict[utt] = mat.astype(np.float32, copy=False)
+    return fdict
+
+
+def _read_targets(
+    spec: str, fdict: Mapping[str, np.ndarray], bad: Callable[[str, str], None]
+) -> dict[str, np.ndarray]:
+    """The class-id vectors of a target table that match a usable utterance of ``fdict``."""
+    tdict: dict[str, np.ndarray] = {}
+    seen: set[str] = set()
+    for utt, vec in _read_table(spec):
+        where = f"{_where(spec)}: utterance {utt}"
+        if utt in seen:
+            raise UsageError(f"{where}: duplicate utterance id")
+        seen.add(utt)
+        if vec.ndim != 1 or not np.issubdtype(vec.dtype, np.integer):
+            raise UsageError(
+                f"{where}: expected an int32 vector of class ids, got {vec.dtype} {vec.shape}"
+            )
+        n = len(fdict[utt]) if utt in fdict else None
+        if n is None:
+            bad(utt, f"{where}: targets but no features")
+        elif (vec < 0).any():
+            bad(utt, f"{where}: negative class id {int(vec.min())}")
+        elif abs(len(vec) - n) > LENGTH_TOLERANCE:
+            bad(utt, f"{where}: {len(vec)} targets for {n} feature frames")
+        else:
+            tdict[utt] = vec.astype(np.int64)
+    return tdict
 
 
 def write_data_dir(

@@ -1,4 +1,4 @@
-"""Partitioning utterances across workers and shuffling frames inside a shard (paper section 2.1).
+"""Partitioning utterances across workers and shuffling frames inside a shard (paper §2.1).
 
 Utterances are sorted longest first and each goes to the shard with the fewest frames so far, so
 shard sizes differ by at most one utterance. The shards are fixed for the whole run. Every worker
