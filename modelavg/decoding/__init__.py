@@ -1,0 +1,1 @@
+"""Word decoding for the demo models: pocketsphinx senones, HCLG graphs, beam search, WER."""

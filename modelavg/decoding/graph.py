@@ -1,0 +1,347 @@
+"""``modelavg make-graph``: the decoding graph HCLG over pocketsphinx en-us senones, cached.
+
+Kaldi's recipe (Mohri, Pereira & Riley, "Speech Recognition with Weighted Finite-State
+Transducers", 2008; Povey et al. 2011), with kaldifst and kaldilm doing the FST work:
+
+1. L: the aligner's lexicon with word-position phones and optional silence (``lexicon.py``);
+   G: the LM as an FST (``kaldilm.arpa2fst``; ``lm.py``).
+2. LG = L∘G, determinised in the log semiring, minimised, arc-sorted.
+3. CLG: ``compose_context`` makes the left/right phone context explicit; each of its input
+   labels is a triphone (left, centre, right; 0 is the utterance edge, read as SIL).
+4. H: each triphone label becomes the 3-state left-to-right HMM pocketsphinx would use
+   (``Mdef.phone_id_nearest``: the same back-off as the aligner), with the model's transition
+   probabilities (self-loop scale 0.1, transition scale 1, as Kaldi's defaults). Input labels
+   are senone id + 1; disambiguation symbols become epsilon (HCLG is not determinised again).
+5. HCLG = H∘CLG.
+
+The graph is independent of any network: ``classes.txt`` (network output -> senone) is copied
+beside it, and ``senones.txt`` gives each senone's phone and state for the decoder's back-off
+for senones the network has no output for (``decoder.py``). A second call with the same inputs
+(file contents and options, hashed into ``graph.json``) does nothing; the graph is built in a
+temporary directory and renamed into place.
+
+Example::
+
+    modelavg make-graph --data data/demo --lm en-us --out data/lang_enus
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import kaldifst
+import numpy as np
+
+from modelavg.decoding.lexicon import SIL, Lexicon, aligner_dictionary, split_phone
+from modelavg.decoding.mdef import (
+    WPOS_SINGLE,
+    Mdef,
+    default_model_dir,
+    read_transition_matrices,
+)
+from modelavg.errors import UsageError
+from modelavg.io import atomic_write_bytes
+
+GRAPH_FORMAT = "modelavg-graph-1"
+SELF_LOOP_SCALE = 0.1
+TRANSITION_SCALE = 1.0
+STEPS = ("language model", "lexicon L", "grammar G", "LG", "CLG", "H", "HCLG", "write")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="corpus dir with classes.txt (data/demo)")
+    parser.add_argument(
+        "--lm", default="en-us", help="'en-us' (pocketsphinx's LM, bigram part) or an ARPA file"
+    )
+    parser.add_argument(
+        "--lm-text", help="estimate a Kneser-Ney LM from this text (one sentence a line) instead"
+    )
+    parser.add_argument("--order", type=int, default=3, help="n-gram order for --lm-text")
+    parser.add_argument("--vocab", type=int, help="keep only the N most probable words")
+    parser.add_argument("--sil-prob", type=float, default=0.5, help="optional silence probability")
+    parser.add_argument("--out", required=True, help="graph directory (e.g. data/lang_enus)")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = make_graph(
+        args.data,
+        args.out,
+        lm=args.lm,
+        lm_text=args.lm_text,
+        order=args.order,
+        vocab=args.vocab,
+        sil_prob=args.sil_prob,
+    )
+    state = "up to date" if info.get("cached") else f"built in {info['build_seconds']:.0f} s"
+    print(
+        f"graph {args.out}: {state}; {info['words']} words, {info['hclg_states']} states, "
+        f"{info['hclg_arcs']} arcs"
+    )
+    return 0
+
+
+def _inputs_hash(data: Path, lm: str, lm_text: str | None, options: dict) -> str:
+    from modelavg.corpora.align import EXTRA_PRONUNCIATIONS
+    from modelavg.decoding.lm import enus_lm_path
+
+    model = default_model_dir()
+    files = [model / "mdef", model / "transition_matrices", model.parent / "cmudict-en-us.dict"]
+    files.append(data / "classes.txt")
+    files.append(Path(lm_text) if lm_text else enus_lm_path() if lm == "en-us" else Path(lm))
+    h = hashlib.sha256(json.dumps([GRAPH_FORMAT, options, EXTRA_PRONUNCIATIONS]).encode())
+    for path in files:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def make_graph(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    lm: str = "en-us",
+    lm_text: str | None = None,
+    order: int = 3,
+    vocab: int | None = None,
+    sil_prob: float = 0.5,
+    progress: bool = True,
+) -> dict:
+    """Build (or find up to date) the graph in ``out_dir``; returns its ``graph.json`` record."""
+    data, out = Path(data_dir), Path(out_dir)
+    if not (data / "classes.txt").is_file():
+        raise UsageError(f"{data}/classes.txt: no such file (the class -> senone map)")
+    if vocab is not None and vocab < 1:
+        raise UsageError(f"--vocab {vocab}: must be at least 1")
+    if not 0.0 < sil_prob < 1.0:
+        raise UsageError(f"--sil-prob {sil_prob}: must be inside (0, 1)")
+    options = {"lm": lm if lm_text is None else None, "lm_text": bool(lm_text), "vocab": vocab,
+               "order": order if lm_text else None, "sil_prob": sil_prob}  # fmt: skip
+    digest = _inputs_hash(data, lm, lm_text, options)
+    meta_path = out / "graph.json"
+    if meta_path.is_file() and (out / "HCLG.fst").is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("inputs_hash") == digest:
+            return {**meta, "cached": True}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        meta = _build(data, work, lm, lm_text, order, vocab, sil_prob, progress)
+        meta.update(inputs_hash=digest, options=options)
+        atomic_write_bytes(json.dumps(meta, indent=1).encode(), work / "graph.json")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        work.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def _build(
+    data: Path,
+    work: Path,
+    lm: str,
+    lm_text: str | None,
+    order: int,
+    vocab: int | None,
+    sil_prob: float,
+    progress: bool,
+) -> dict:
+    import kaldilm
+    from tqdm import tqdm
+
+    from modelavg.decoding.lm import prepare_arpa, unigram_log10
+
+    start = time.perf_counter()
+    model = default_model_dir()
+    mdef = Mdef.read(model / "mdef")
+    tmats = read_transition_matrices(model / "transition_matrices")
+    classes = read_classes(data / "classes.txt", mdef.num_senones)
+    base_phones = [p for i, p in enumerate(mdef.ciphones) if not mdef.filler[i]]
+    bar = tqdm(total=len(STEPS), desc="make-graph", unit="step", disable=not progress,
+               file=sys.stderr)  # fmt: skip
+
+    started: list[str] = []
+
+    def step() -> None:
+        """Mark the running step done (if any) and show the next one."""
+        if started:
+            bar.update()
+        started.append(STEPS[len(started)])
+        bar.set_postfix_str(started[-1])
+
+    step()
+    prons = aligner_dictionary()
+    arpa = prepare_arpa(lm, lm_text, order, set(prons), vocab, work)
+    step()
+    lexicon = Lexicon.build(unigram_log10(arpa), prons, base_phones)
+    lexicon.write(work)
+    L = lexicon.fst(sil_prob)
+    step()
+    with _quiet_stderr():  # kaldilm logs every ARPA section it reads
+        kaldilm.arpa2fst(
+            str(arpa), str(work / "G.fst"), disambig_symbol="#0",
+            read_symbol_table=str(work / "words.txt"), max_arpa_warnings=0,
+        )  # fmt: skip
+    G = kaldifst.StdVectorFst.read(str(work / "G.fst"))
+    step()
+    LG = kaldifst.compose(L, G)
+    del L, G
+    kaldifst.determinize_star(LG, use_log=True)
+    kaldifst.minimize_encoded(LG)
+    kaldifst.arcsort(LG, sort_type="ilabel")
+    step()
+    CLG, ilabels = kaldifst.compose_context(lexicon.disambig_phone_ids, 3, 1, LG)
+    del LG
+    kaldifst.arcsort(CLG, sort_type="ilabel")
+    step()
+    H, backed_off = _make_h(ilabels, lexicon.phones, mdef, tmats)
+    step()
+    HCLG = kaldifst.compose(H, CLG)
+    del H, CLG
+    kaldifst.arcsort(HCLG, sort_type="ilabel")
+    step()
+    HCLG.write(str(work / "HCLG.fst"))
+    for name in ("G.fst", "G.arpa", "text.arpa", "en-us-dump.arpa"):
+        (work / name).unlink(missing_ok=True)
+    states = mdef.senone_states()
+    lines = (f"{s} {mdef.ciphones[p] if p >= 0 else '-'} {j}" for s, (p, j) in enumerate(states))
+    atomic_write_bytes(("\n".join(lines) + "\n").encode(), work / "senones.txt")
+    shutil.copyfile(data / "classes.txt", work / "classes.txt")
+    bar.update()
+    bar.close()
+    return {
+        "format": GRAPH_FORMAT,
+        "words": len(lexicon.words) - 4,
+        "pronunciations": len(lexicon.entries),
+        "classes": len(classes),
+        "num_senones": mdef.num_senones,
+        "triphone_labels": sum(len(x) == 3 for x in ilabels),
+        "triphones_backed_off": backed_off,
+        "hclg_states": HCLG.num_states,
+        "hclg_arcs": sum(HCLG.num_arcs(s) for s in range(HCLG.num_states)),
+        "build_seconds": time.perf_counter() - start,
+    }
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence C++ logging on file descriptor 2; replay it if the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _make_h(
+    ilabels: list[list[int]], phones: list[str], mdef: Mdef, tmats: np.ndarray
+) -> tuple[kaldifst.StdVectorFst, int]:
+    """H: senone sequences -> CLG's input labels. One shared 3-state chain per distinct HMM;
+    returns H and how many triphones had no exact model (pocketsphinx's back-off chose one)."""
+    base = [SIL if p == "<eps>" else split_phone(p)[0] for p in phones]
+    wpos = [split_phone(p)[1] for p in phones]
+    sil = mdef.sil
+    ci = {name: i for i, name in enumerate(mdef.ciphones)}
+    lines: list[str] = []
+    chain: dict[int, int] = {}  # phone id -> its first state
+    backed_off = 0
+    for k, window in enumerate(ilabels):
+        if len(window) == 1:  # a disambiguation symbol: nothing to emit
+            lines.append(f"0 0 0 {k}")
+            continue
+        if len(window) != 3:
+            continue  # epsilon (k = 0)
+        left, centre, right = window
+        b = ci[base[centre]]
+        pos = wpos[centre] if wpos[centre] is not None else WPOS_SINGLE
+        lc = ci[base[left]] if left else sil
+        rc = ci[base[right]] if right else sil
+        pid = mdef.phone_id_nearest(b, lc, rc, pos)
+        backed_off += pid != mdef.phone_id(b, lc, rc, pos) and not mdef.filler[b]
+        if pid not in chain:
+            chain[pid] = first = 1 + 3 * len(chain)
+            s = [x + 1 for x in mdef.senones(pid)]
+            a = tmats[mdef.tmat_of(pid)]
+            for j in range(3):
+                stay, leave = (-SELF_LOOP_SCALE * np.log(v) for v in (a[j, j], 1 - a[j, j]))
+                nxt = first + j + 1 if j < 2 else 0
+                lines.append(f"{first + j} {first + j} {s[j]} 0 {stay}")
+                lines.append(f"{first + j} {nxt} {s[j + 1] if j < 2 else 0} 0 {leave}")
+        lines.append(f"0 {chain[pid]} {mdef.senones(pid)[0] + 1} {k}")
+    lines.append("0")
+    H = kaldifst.compile("\n".join(lines) + "\n")
+    kaldifst.arcsort(H, sort_type="olabel")
+    return H, int(backed_off)
+
+
+def read_classes(path: Path, num_senones: int) -> np.ndarray:
+    """classes.txt (``class senone phone`` lines) as the senone id of each network output."""
+    senones = []
+    for n, line in enumerate(path.read_text().splitlines()):
+        fields = line.split()
+        if len(fields) < 2 or fields[0] != str(n) or not fields[1].isdigit():
+            raise UsageError(f"{path}: line {n + 1} is not '{n} <senone> <phone>'")
+        if int(fields[1]) >= num_senones:
+            raise UsageError(f"{path}: line {n + 1}: senone {fields[1]} >= {num_senones}")
+        senones.append(int(fields[1]))
+    if not senones:
+        raise UsageError(f"{path}: no classes")
+    return np.asarray(senones, dtype=np.int64)
+
+
+@dataclass
+class Graph:
+    """What the decoder needs of a graph directory."""
+
+    fst: kaldifst.StdVectorFst
+    words: list[str]
+    classes: np.ndarray  # senone of each network output
+    senone_states: np.ndarray  # (num_senones, 2): CI phone id (-1: unused) and state
+    meta: dict
+
+
+def load_graph(graph_dir: str | os.PathLike, need_fst: bool = True) -> Graph:
+    """Read a graph directory made by ``make_graph`` (one-line errors for missing parts)."""
+    d = Path(graph_dir)
+    meta_path = d / "graph.json"
+    if not meta_path.is_file():
+        raise UsageError(f"{d}: not a graph directory (no graph.json; run modelavg make-graph)")
+    meta = json.loads(meta_path.read_text())
+    for name in ("HCLG.fst", "words.txt", "classes.txt", "senones.txt"):
+        if not (d / name).is_file():
+            raise UsageError(f"{d / name}: no such file (rebuild with modelavg make-graph)")
+    words = [line.split()[0] for line in (d / "words.txt").read_text().splitlines()]
+    phones: dict[str, int] = {}
+    states = []
+    for line in (d / "senones.txt").read_text().splitlines():
+        _, phone, state = line.split()
+        states.append((-1 if phone == "-" else phones.setdefault(phone, len(phones)), int(state)))
+    fst = kaldifst.StdVectorFst.read(str(d / "HCLG.fst")) if need_fst else None
+    classes = read_classes(d / "classes.txt", len(states))
+    return Graph(fst, words, classes, np.asarray(states, dtype=np.int64), meta)
