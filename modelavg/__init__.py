@@ -1,3 +1,8 @@
 """modelavg: parallel DNN training by periodic model averaging."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("modelavg")  # one source: pyproject.toml, through the installed metadata
+except PackageNotFoundError:  # a source tree used without `pip install`
+    __version__ = "0+unknown"
