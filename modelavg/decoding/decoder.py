@@ -78,7 +78,7 @@ def log_likelihoods(
     post = np.exp(log_post - log_post.max(axis=1, keepdims=True))
     shift = log_post.max(axis=1, keepdims=True)
     prior_lin = np.exp(prior)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # empty groups: never a source
         pooled = [np.log(post @ m) + shift - np.log(prior_lin @ m) for m in (in_state, in_phone)]
     direct = log_post - prior
     floor = np.where(trained, direct, np.inf).min(axis=1, keepdims=True)

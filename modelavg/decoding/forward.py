@@ -44,6 +44,8 @@ def parse_wspecifier(wspec: str) -> tuple[Path, Path | None]:
     kind, _, paths = wspec.partition(":")
     options = set(kind.split(","))
     names = paths.split(",")
+    if any("|" in n or n.strip() == "-" for n in names):
+        raise UsageError(f"--out {wspec}: pipes and stdout are not supported, give file names")
     if options == {"ark"} and len(names) == 1 and names[0]:
         return Path(names[0]), None
     if options == {"ark", "scp"} and len(names) == 2 and all(names):

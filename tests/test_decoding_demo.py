@@ -1,0 +1,239 @@
+"""Decoding on a small real demo corpus: the mdef lookup against the aligner, the oracle decode,
+model decodes, Kaldi log-likelihood output, and the one-line errors of bad input."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modelavg.data.kaldi import read_labels
+from modelavg.decoding import decode as decode_mod
+from modelavg.decoding import forward as forward_mod
+from modelavg.decoding.decode import decode_data_dir
+from modelavg.decoding.decoder import log_prior
+from modelavg.decoding.graph import make_graph, read_classes
+from modelavg.decoding.lexicon import SIL, aligner_dictionary
+from modelavg.decoding.mdef import (
+    WPOS_BEGIN,
+    WPOS_END,
+    WPOS_INTERNAL,
+    WPOS_SINGLE,
+    Mdef,
+    default_model_dir,
+)
+from modelavg.errors import UsageError
+from modelavg.nets.dnn import DNN, DNNSpec, save_model
+
+pytestmark = pytest.mark.slow
+MAX_UTTS = 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from modelavg.corpora.asterisk import prepare_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    prepare_demo(out, max_utts=MAX_UTTS, seed=1, progress=False, num_workers=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def graph_dir(corpus, tmp_path_factory) -> Path:
+    """A graph whose LM is estimated from the test and cv sentences (a trigram: a bigram cannot
+    tell "press two to" from "press to to")."""
+    text = tmp_path_factory.mktemp("lm") / "sentences.txt"
+    lines = [line.split(maxsplit=1)[1] for s in ("test", "cv") for line in _lines(corpus / s)]
+    text.write_text("\n".join(lines) + "\n")
+    out = tmp_path_factory.mktemp("graphs") / "lang_test"
+    make_graph(corpus, out, lm_text=str(text), order=3, progress=False)
+    return out
+
+
+def _lines(split: Path) -> list[str]:
+    return (split / "text").read_text().splitlines()
+
+
+def _model(path: Path, num_classes: int, counts: np.ndarray | None, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = DNN(DNNSpec(input_dim=40, context=1, hidden_layers=1, hidden_dim=16,
+                        num_classes=num_classes))  # fmt: skip
+    extra = None if counts is None else {"class_counts": torch.tensor(counts, dtype=torch.float64)}
+    save_model(path, model, extra)
+    return path
+
+
+def _train_counts(corpus: Path) -> np.ndarray:
+    n = len((corpus / "classes.txt").read_text().splitlines())
+    flat = np.concatenate(list(read_labels(corpus / "train").values()))
+    return np.bincount(flat, minlength=n).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# The mdef lookup reproduces every senone triple the aligner chose
+
+
+def _phone_instances(senones: np.ndarray, states: np.ndarray) -> list[tuple[int, tuple]]:
+    """(CI phone, senone triple) of each phone instance: a new one starts when the phone
+    changes or its HMM state does not advance (left-to-right, no skips)."""
+    runs = [s for s, _ in itertools.groupby(senones.tolist())]
+    out: list[tuple[int, list[int]]] = []
+    for s in runs:
+        phone, state = states[s]
+        if state == 0 or not out or out[-1][0] != phone or len(out[-1][1]) != state:
+            out.append((int(phone), []))
+        out[-1][1].append(s)
+    return [(p, tuple(seq)) for p, seq in out]
+
+
+def _word_positions(phones: list[str], words: list[str], prons) -> list[int] | None:
+    """Word positions of the non-silence phones, from the pronunciations that spell them."""
+
+    def match(i: int, j: int) -> list[int] | None:
+        if j == len(words):
+            return [] if i == len(phones) else None
+        for pron in prons[words[j]]:
+            if tuple(phones[i : i + len(pron)]) == pron:
+                if len(pron) == 1:
+                    here = [WPOS_SINGLE]
+                else:
+                    here = [WPOS_BEGIN] + [WPOS_INTERNAL] * (len(pron) - 2) + [WPOS_END]
+                rest = match(i + len(pron), j + 1)
+                if rest is not None:
+                    return here + rest
+        return None
+
+    return match(0, 0)
+
+
+def test_mdef_lookup_matches_the_aligner_on_every_phone_instance(corpus):
+    mdef = Mdef.read(default_model_dir() / "mdef")
+    states = mdef.senone_states()
+    prons = aligner_dictionary()
+    senone_of = read_classes(corpus / "classes.txt", mdef.num_senones)
+    texts = {line.split()[0]: line.split()[1:] for line in _lines(corpus / "train")}
+    checked = 0
+    for utt, targets in read_labels(corpus / "train").items():
+        instances = _phone_instances(senone_of[targets], states)
+        names = [mdef.ciphones[p] for p, _ in instances]
+        speech = [i for i, n in enumerate(names) if n != SIL]
+        positions = _word_positions([names[i] for i in speech], texts[utt], prons)
+        assert positions is not None, f"{utt}: phones do not spell the transcript"
+        wpos = dict(zip(speech, positions, strict=True))
+        for i, (phone, triple) in enumerate(instances):
+            left = instances[i - 1][0] if i else mdef.sil
+            right = instances[i + 1][0] if i + 1 < len(instances) else mdef.sil
+            pid = mdef.phone_id_nearest(phone, left, right, wpos.get(i, WPOS_SINGLE))
+            assert mdef.senones(pid) == triple, f"{utt}: phone instance {i} ({names[i]})"
+            checked += 1
+    assert checked > 500
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+
+
+def test_oracle_decode_through_a_graph_with_the_test_sentences_is_exact(corpus, graph_dir):
+    result = decode_data_dir(None, corpus / "test", graph_dir, progress=False)
+    assert result["wer"] == 0.0 and result["words"] > 0
+    assert result["ins"] == result["del"] == result["sub"] == 0
+    hyp = (graph_dir / "oracle_test" / "hyp.txt").read_text().splitlines()
+    assert sorted(hyp) == sorted(_lines(corpus / "test"))
+
+
+def test_model_decode_writes_hypotheses_and_is_the_same_over_two_jobs(corpus, graph_dir, tmp_path):
+    n = len(read_classes(corpus / "classes.txt", 10**9))
+    model = _model(tmp_path / "final.pt", n, _train_counts(corpus))
+    one = decode_data_dir(model, corpus / "cv", graph_dir, out_dir=tmp_path / "a", progress=False)
+    two = decode_data_dir(
+        model, corpus / "cv", graph_dir, jobs=2, out_dir=tmp_path / "b", progress=False
+    )
+    assert (tmp_path / "a" / "hyp.txt").read_text() == (tmp_path / "b" / "hyp.txt").read_text()
+    assert {"wer", "ins", "del", "sub", "words", "rtf"} <= set(one)
+    assert one["wer"] == two["wer"] and one["rtf"] > 0
+    default = decode_data_dir(model, corpus / "cv", graph_dir, progress=False)
+    assert Path(default["out"]) == tmp_path / f"decode_{graph_dir.name}_cv"
+
+
+def test_old_model_files_take_priors_from_a_train_dir(corpus, graph_dir, tmp_path):
+    n = len(read_classes(corpus / "classes.txt", 10**9))
+    model = _model(tmp_path / "old.pt", n, None)
+    with pytest.raises(UsageError, match="--priors-from"):
+        decode_data_dir(model, corpus / "test", graph_dir, progress=False)
+    assert not (tmp_path / f"decode_{graph_dir.name}_test").exists()
+    result = decode_data_dir(
+        model, corpus / "test", graph_dir, priors_from=corpus / "train", progress=False
+    )
+    assert result["words"] > 0
+
+
+def test_model_and_graph_senone_mismatch_is_refused(corpus, graph_dir, tmp_path):
+    model = _model(tmp_path / "small.pt", 7, np.ones(7))
+    with pytest.raises(UsageError, match="not the same senone set"):
+        decode_data_dir(model, corpus / "test", graph_dir, progress=False)
+    assert list(tmp_path.iterdir()) == [model]
+
+
+def test_empty_data_dir_and_missing_graph(corpus, graph_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "feats.scp").write_text("")
+    n = len(read_classes(corpus / "classes.txt", 10**9))
+    model = _model(tmp_path / "m.pt", n, np.ones(n))
+    with pytest.raises(UsageError, match="no utterances"):
+        decode_data_dir(model, tmp_path / "empty", graph_dir, out_dir=tmp_path / "o")
+    with pytest.raises(UsageError, match="not a graph directory"):
+        decode_data_dir(model, corpus / "test", tmp_path / "nograph", out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_decode_command_line(corpus, graph_dir, capsys, tmp_path):
+    parser = argparse.ArgumentParser()
+    decode_mod.add_arguments(parser)
+    args = parser.parse_args(
+        ["--data", str(corpus / "test"), "--graph", str(graph_dir), "--oracle", "--json",
+         "--out", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert decode_mod.run(args) == 0
+    assert '"wer": 0.0' in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--model is required"):
+        decode_mod.run(parser.parse_args(["--data", "d", "--graph", "g"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kaldi hand-off
+
+
+def test_forward_writes_kaldi_loglikes_that_a_second_reader_reads_back(corpus, tmp_path):
+    import kaldi_native_io
+
+    n = len(read_classes(corpus / "classes.txt", 10**9))
+    counts = _train_counts(corpus)
+    model = _model(tmp_path / "final.pt", n, counts)
+    ark, scp = tmp_path / "out" / "loglikes.ark", tmp_path / "out" / "loglikes.scp"
+    parser = argparse.ArgumentParser()
+    forward_mod.add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", str(model), "--data", str(corpus / "test"), "--out", f"ark,scp:{ark},{scp}"]
+    )
+    assert forward_mod.run(args) == 0
+    expected = forward_mod.loglikes(model, corpus / "test")
+    prior = log_prior(counts)
+    with kaldi_native_io.SequentialFloatMatrixReader(f"scp:{scp}") as reader:
+        got = {utt: np.array(mat) for utt, mat in reader}  # copies: views die on next()
+    assert sorted(got) == sorted(expected)
+    for utt, mat in got.items():
+        np.testing.assert_allclose(mat, expected[utt], rtol=1e-6)
+        posteriors = np.exp(mat + prior)  # log posterior = log-likelihood + log prior
+        np.testing.assert_allclose(posteriors.sum(axis=1), 1.0, rtol=1e-4)
+    with kaldi_native_io.SequentialFloatMatrixReader(f"ark:{ark}") as reader:
+        assert sum(1 for _ in reader) == len(expected)
+
+
+def test_forward_refuses_a_pipe_and_writes_nothing(corpus, tmp_path):
+    with pytest.raises(UsageError, match="--out"):
+        forward_mod.write_loglikes(tmp_path / "m.pt", corpus / "test", "ark:| gzip -c > x.gz")
+    assert list(tmp_path.iterdir()) == []
