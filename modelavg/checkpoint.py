@@ -1,9 +1,9 @@
 """Atomic checkpoints: everything a resume needs, never half-written.
 
-Layout under ``OUT/checkpoints/``::
+Layout under ``OUT/checkpoints/`` (pretraining names add the layer: ``l02-e001-r00000``)::
 
-    e003-r0000/shared.pt        global model, schedule, averager, metrics position (main process)
-    e003-r0000/worker-0001.pt   one per worker: optimiser (momentum, NG-SGD state), RNG states
+    e003-r00000/shared.pt       global model, schedule, averager, log position (main process)
+    e003-r00000/worker-0001.pt  one per worker: optimiser (momentum, NG-SGD state), RNG states
     LATEST                      name of the newest complete checkpoint, replaced atomically
 
 Each file is written to a temporary name, fsynced and renamed; ``LATEST`` moves only after every
@@ -11,8 +11,8 @@ process has finished its files, so a kill at any moment leaves the previous chec
 
 Example::
 
-    save_files(root, checkpoint_name(2, 0), shared, workers)   # every process, its own files
-    commit(root, checkpoint_name(2, 0))                          # main process, after a barrier
+    save(comm, root, checkpoint_name(2, 0), shared, workers, keep=2)   # every process
+    shared, workers = restore(root, comm.worker_ids, comm.device)
 """
 
 from __future__ import annotations
@@ -22,15 +22,18 @@ from pathlib import Path
 
 import torch
 
+from modelavg.comm.base import Communicator
 from modelavg.errors import UsageError
 from modelavg.io import atomic_save, atomic_write_bytes
 
 LATEST = "LATEST"
 
 
-def checkpoint_name(epoch: int, round_: int) -> str:
-    """Checkpoint taken before ``round_`` of ``epoch`` (round 0 of epoch e+1 = end of epoch e)."""
-    return f"e{epoch:03d}-r{round_:05d}"
+def checkpoint_name(epoch: int, round_: int, layer: int | None = None) -> str:
+    """Checkpoint taken before ``round_`` of ``epoch`` (round 0 of epoch e+1 = end of epoch e),
+    of ``layer`` when pretraining; names sort in training order."""
+    name = f"e{epoch:03d}-r{round_:05d}"
+    return name if layer is None else f"l{layer:02d}-{name}"
 
 
 def worker_file(ckpt_dir: Path, worker: int) -> Path:
@@ -47,14 +50,41 @@ def save_files(root: Path, name: str, shared: dict | None, workers: dict[int, di
     return ckpt_dir
 
 
-def commit(root: Path, name: str, keep: int | None = None) -> None:
-    """Point LATEST at ``name`` (main process, after every process has saved); prune old ones."""
+def commit(root: Path, name: str, keep: int = 0) -> None:
+    """Point LATEST at ``name`` (main process, after every process has saved); then delete all
+    but the newest ``keep`` checkpoints (0: keep all), never the one LATEST names."""
     atomic_write_bytes(name.encode(), root / LATEST)
     if keep:
-        done = sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] == "e")
+        done = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         for old in done[:-keep]:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def save(comm: Communicator, root: Path, name: str, shared: dict | None, workers: dict, keep: int):
+    """Every process writes its part; once all have, the main process commits (collective).
+
+    ``shared`` is used on the main process only; ``workers``: this process's workers' states.
+    """
+    save_files(root, name, shared if comm.is_main else None, workers)
+    comm.barrier()
+    if comm.is_main:
+        commit(root, name, keep)
+    comm.barrier()
+
+
+def restore(root: Path, workers: list[int], device: torch.device) -> tuple[dict, dict]:
+    """The newest complete checkpoint under ``root``: shared state and these workers' states."""
+    ckpt_dir = latest(root)
+    if ckpt_dir is None:
+        raise UsageError(f"--resume: no checkpoint in {root}")
+    return load_files(ckpt_dir, workers, device)
+
+
+def set_rng_state(state: torch.Tensor) -> None:
+    """Restore the CPU generator from a checkpoint (loaded with map_location, it may sit on a
+    GPU, where ``torch.set_rng_state`` refuses it)."""
+    torch.set_rng_state(state.cpu())
 
 
 def latest(root: Path) -> Path | None:

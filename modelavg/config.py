@@ -1,36 +1,56 @@
-"""Training configuration: one dataclass, plain values, saved with every run.
+"""Configuration: option groups composed into one dataclass per command, saved with every run.
 
-Every field is a ``modelavg train`` option (``avg_every`` -> ``--avg-every``); a YAML file given
-with ``--config`` sets fields by their underscore names and the command line overrides it.
+Every field is a command-line option (``avg_every`` -> ``--avg-every``) whose help, group, choices
+and limits are declared on the field; a YAML file given with ``--config`` sets fields by their
+underscore names and the command line overrides it. ``modelavg train`` and ``modelavg pretrain``
+share the parallel, data and run groups, so an option means the same in both.
 
 Example::
 
     cfg = TrainConfig(data="data/demo/train", out="exp/x", workers=2)
-    cfg = load_config("my.yaml", overrides={"lr": 0.1})
+    cfg = load_config("my.yaml", overrides={"lr": 0.1})                 # validated
+    cfg = load_config(None, {"data": "d", "out": "o"}, PretrainConfig)
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from modelavg.averaging import ALGORITHMS
 from modelavg.errors import UsageError
+from modelavg.optim.schedules import SCHEDULES
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, group: str = "training") -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def opt(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    group: str = "training",
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> Any:
+    """A config field: its default, help text, argparse group, and the values it accepts."""
+    limits = (low, high, open_low, open_high)
+    return field(
+        default=default,
+        metadata={"help": help, "choices": choices, "group": group, "limits": limits},
+    )
 
 
 @dataclass
 class ParallelOptions:
-    """How a job's workers are started and talk: shared by ``train`` and ``pretrain``."""
+    """How a job's workers are started, talk, and how often they average."""
 
     workers: int | None = opt(
-        None, "workers (default: from torchrun/mpirun/srun, else 1)", group="parallel"
+        None, "workers (default: from torchrun/mpirun/srun, else 1)", group="parallel", low=1
     )
     in_process: bool = opt(
         False, "run the workers as logical workers inside one process", group="parallel"
@@ -41,20 +61,61 @@ class ParallelOptions:
         None, "torch threads per process (default: cores / local processes)", group="parallel"
     )
     timeout: float = opt(
-        300.0, "seconds a collective may wait for a missing worker", group="parallel"
+        300.0,
+        "seconds a collective may wait for a missing worker",
+        group="parallel",
+        low=0,
+        open_low=True,
+    )
+    avg_every: int = opt(10, "average the replicas every K minibatches", group="parallel", low=1)
+
+
+@dataclass
+class DataOptions:
+    """Where the frames come from and how a worker visits them."""
+
+    data: str | None = opt(None, "training data directory (feats.scp, targets.scp)", group="data")
+    feats: str | None = opt(None, "override feats.scp: a path or rspecifier", group="data")
+    context: int = opt(
+        5, "splice +-C frames around each frame (0 for non-sequential data)", group="data", low=0
+    )
+    buffer_frames: int = opt(32768, "frame-shuffling buffer size per worker", group="data", low=1)
+    skip_bad_utts: bool = opt(
+        False, "drop (and count) unusable utterances instead of failing", group="data"
     )
 
 
 @dataclass
-class TrainConfig(ParallelOptions):
-    # data
-    data: str | None = opt(None, "training data directory (feats.scp, targets.scp)", group="data")
+class RunOptions:
+    """Outputs, reproducibility, logging and checkpoints."""
+
+    out: str | None = opt(None, "output directory", group="run")
+    seed: int = opt(777, "random seed (initialisation and frame order)", group="run")
+    resume: bool = opt(False, "continue from the last checkpoint in --out", group="run")
+    log_every: int = opt(
+        50, "write a log line (and a progress line) every M averaging rounds", group="run", low=1
+    )
+    checkpoint_every: int = opt(
+        0, "also checkpoint every M averaging rounds (0 = epochs only)", group="run", low=0
+    )
+    keep_checkpoints: int = opt(
+        2,
+        "checkpoints kept in --out/checkpoints, newest first (0 = all); resume needs only the "
+        "newest",
+        group="run",
+        low=0,
+    )
+    progress: bool = opt(True, "show progress (a bar on a terminal, else lines)", group="run")
+
+
+@dataclass
+class TrainConfig(RunOptions, ParallelOptions, DataOptions):
+    # data (beside DataOptions)
     cv: str | None = opt(
         None,
         "validation data directory; default: the last 10%% of --data's utterances",
         group="data",
     )
-    feats: str | None = opt(None, "override feats.scp: a path or rspecifier", group="data")
     targets: str | None = opt(
         None,
         "override targets.scp: a path or rspecifier, e.g. 'ark:gunzip -c ali.1.gz|'",
@@ -62,34 +123,35 @@ class TrainConfig(ParallelOptions):
     )
     cv_feats: str | None = opt(None, "override the CV set's feats.scp", group="data")
     cv_targets: str | None = opt(None, "override the CV set's targets.scp", group="data")
-    cv_fraction: float = opt(0.1, "share of --data held out when --cv is not given", group="data")
-    num_classes: int | None = opt(None, "output classes (default: from the data)", group="data")
-    context: int = opt(
-        5, "splice +-C frames around each frame (0 for non-sequential data)", group="data"
+    cv_fraction: float = opt(
+        0.1,
+        "share of --data held out when --cv is not given",
+        group="data",
+        low=0,
+        high=1,
+        open_low=True,
+        open_high=True,
     )
-    buffer_frames: int = opt(32768, "frame-shuffling buffer size per worker", group="data")
-    skip_bad_utts: bool = opt(
-        False, "drop (and count) unusable utterances instead of failing", group="data"
+    num_classes: int | None = opt(
+        None, "output classes (default: from the data)", group="data", low=1
     )
     # model
-    hidden_layers: int = opt(4, "hidden layers", group="model")
-    hidden_dim: int = opt(1024, "units per hidden layer", group="model")
+    hidden_layers: int = opt(4, "hidden layers", group="model", low=0)
+    hidden_dim: int = opt(1024, "units per hidden layer", group="model", low=1)
     activation: str = opt("sigmoid", "hidden activation", ("sigmoid", "tanh", "relu"), "model")
     init: str | None = opt(
         None, "initialise hidden layers from a DBN (dbn.pt) or a model file", group="model"
     )
     # optimisation
     optimizer: str = opt("sgd", "local optimiser", ("sgd", "ngsgd"))
-    lr: float = opt(0.5, "learning rate of one worker (see --lr-scaling)")
+    lr: float = opt(0.5, "learning rate of one worker (see --lr-scaling)", low=0, open_low=True)
     lr_scaling: str = opt(
-        "linear", "multiply --lr by the number of workers (paper section 2.4)", ("linear", "none")
+        "linear", "multiply --lr by the number of workers (paper §2.4)", ("linear", "none")
     )
-    momentum: float = opt(0.0, "SGD momentum")
-    minibatch: int = opt(256, "frames per minibatch")
-    epochs: int = opt(10, "epochs (the maximum, for newbob)")
-    schedule: str = opt(
-        "exponential", "learning-rate schedule", ("exponential", "newbob", "constant")
-    )
+    momentum: float = opt(0.0, "SGD momentum", low=0, high=1, open_high=True)
+    minibatch: int = opt(256, "frames per minibatch", low=1)
+    epochs: int = opt(10, "epochs (the maximum, for newbob)", low=1)
+    schedule: str = opt("exponential", "learning-rate schedule", tuple(SCHEDULES))
     final_lr_ratio: float = opt(0.01, "exponential: last epoch's lr / first epoch's lr")
     newbob_start: float = opt(0.01, "newbob: start halving below this relative CV improvement")
     newbob_end: float = opt(0.001, "newbob: stop below this relative CV improvement")
@@ -98,14 +160,20 @@ class TrainConfig(ParallelOptions):
     ng_rank_in: int = opt(20, "NG-SGD rank of the input-side Fisher factor", group="ngsgd")
     ng_rank_out: int = opt(80, "NG-SGD rank of the output-side Fisher factor", group="ngsgd")
     ng_update_period: int = opt(
-        4, "NG-SGD: update the Fisher estimate every N minibatches", group="ngsgd"
+        4, "NG-SGD: update the Fisher estimate every N minibatches", group="ngsgd", low=1
     )
     ng_samples_history: float = opt(
         2000.0, "NG-SGD: frames of history in the estimate", group="ngsgd"
     )
     ng_alpha: float = opt(4.0, "NG-SGD: identity smoothing of the Fisher estimate", group="ngsgd")
+    ng_variant: str = opt(
+        "nnet2",
+        "NG-SGD arithmetic: Kaldi nnet2's online preconditioner (2014, the paper's) or nnet3's",
+        ("nnet2", "nnet3"),
+        "ngsgd",
+    )
     max_change: float = opt(
-        0.075, "NG-SGD: max parameter change per frame (0 = off)", group="ngsgd"
+        0.075, "NG-SGD: max parameter change per frame (0 = off)", group="ngsgd", low=0
     )
     max_change_scaling: str = opt(
         "none",
@@ -115,35 +183,25 @@ class TrainConfig(ParallelOptions):
         ("none", "linear"),
         "ngsgd",
     )
-    ng_variant: str = opt(
-        "nnet2",
-        "NG-SGD arithmetic: Kaldi nnet2's online preconditioner (2014, the paper's) or nnet3's",
-        ("nnet2", "nnet3"),
-        "ngsgd",
-    )
     ng_reset: str = opt(
         "epoch",
         "NG-SGD: reset the Fisher estimates every epoch (paper) or never",
         ("epoch", "never"),
         "ngsgd",
     )
-    # parallelism (workers, backend, device, threads, timeout: ParallelOptions)
-    avg_every: int = opt(10, "average the replicas every K minibatches", group="parallel")
-    averaging: str = opt("model", "averaging algorithm", ("model", "bmuf"), "parallel")
+    # averaging (beside ParallelOptions)
+    averaging: str = opt("model", "averaging algorithm", ALGORITHMS, "parallel")
     block_momentum: float | None = opt(
         None, "bmuf: block momentum (default 1 - 1/N)", group="parallel"
     )
     block_lr: float = opt(1.0, "bmuf: block learning rate", group="parallel")
-    # run
-    out: str | None = opt(None, "output directory", group="run")
-    seed: int = opt(777, "random seed (initialisation and frame order)", group="run")
-    resume: bool = opt(False, "continue from the last checkpoint in --out", group="run")
-    log_every: int = opt(50, "write a metrics line every M averaging rounds", group="run")
+    # run (beside RunOptions)
     cv_every: int = opt(
         0,
         "also validate every M averaging rounds within an epoch, for finer learning curves "
         "(0: after each epoch only)",
         group="run",
+        low=0,
     )
     noise_scale: bool = opt(
         False,
@@ -152,19 +210,43 @@ class TrainConfig(ParallelOptions):
         "in its metric; see modelavg noise-scale)",
         group="run",
     )
-    checkpoint_every: int = opt(
-        0, "also checkpoint every M averaging rounds (0 = epochs only)", group="run"
+    max_rollbacks: int = opt(3, "NaN/Inf rollbacks allowed before giving up", group="run", low=0)
+    rollback_lr_factor: float = opt(
+        0.5, "lr multiplier applied at each rollback", group="run", low=0, high=1, open_low=True
     )
-    progress: bool = opt(True, "show a progress bar", group="run")
-    max_rollbacks: int = opt(3, "NaN/Inf rollbacks allowed before giving up", group="run")
-    rollback_lr_factor: float = opt(0.5, "lr multiplier applied at each rollback", group="run")
-
-    def resolved(self) -> dict[str, Any]:
-        return asdict(self)
 
 
-def config_fields() -> list:
-    return [f for f in fields(TrainConfig) if f.default is not MISSING]
+@dataclass
+class PretrainConfig(RunOptions, ParallelOptions, DataOptions):
+    max_utt_frames: int = opt(
+        6000, "skip longer utterances, as nnet1 does (0 = keep all)", group="data", low=0
+    )
+    # model
+    hidden_layers: int = opt(4, "RBMs in the stack (the recipe: 6)", group="model", low=1)
+    hidden_dim: int = opt(1024, "hidden units per RBM (the recipe: 2048)", group="model", low=1)
+    # RBM training
+    rbm_iter: int = opt(
+        1,
+        "epochs per Bernoulli RBM; the Gaussian first RBM runs twice as many",
+        group="rbm",
+        low=1,
+    )
+    minibatch: int = opt(100, "frames per CD-1 minibatch", group="rbm", low=1)
+    lr_scaling: str = opt(
+        "none",
+        "multiply the recipe lr (0.01, 0.4) by the number of workers (linear breaks the RBMs "
+        "from N = 2 on: docs/RESULTS.md)",
+        ("linear", "none"),
+        "rbm",
+    )
+    with_bug: bool = opt(
+        True, "Kaldi's --with-bug=true: momentum 0.9 from the first minibatch", group="rbm"
+    )
+
+
+def config_fields(cls: type = TrainConfig) -> list:
+    """The fields of ``cls`` that are options (all of them have defaults)."""
+    return [f for f in fields(cls) if f.default is not MISSING]
 
 
 def read_options(path: str | os.PathLike | None, fields_: list) -> dict[str, Any]:
@@ -184,44 +266,35 @@ def read_options(path: str | os.PathLike | None, fields_: list) -> dict[str, Any
     return loaded
 
 
-def check(cfg: Any, checks: list[tuple[bool, str]], fields_: list) -> Any:
-    """Raise the first failed check's message, then refuse values outside a field's choices."""
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    for f in fields_:
+def load_config(
+    path: str | os.PathLike | None, overrides: dict[str, Any], cls: type = TrainConfig
+) -> Any:
+    """Defaults, then the YAML file, then explicit overrides (the command line); validated."""
+    return validate(cls(**{**read_options(path, config_fields(cls)), **overrides}))
+
+
+def validate(cfg: Any) -> Any:
+    """Refuse a value outside its field's limits or choices, naming the option."""
+    for f in config_fields(type(cfg)):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
-        value = getattr(cfg, f.name)
         if choices and value not in choices:
-            flag = "--" + f.name.replace("_", "-")
             raise UsageError(f"{flag} {value}: choose from {', '.join(choices)}")
+        low, high, open_low, open_high = f.metadata["limits"]
+        if value is None or (low is None and high is None):
+            continue
+        below = low is not None and (value <= low if open_low else value < low)
+        above = high is not None and (value >= high if open_high else value > high)
+        if below or above:
+            raise UsageError(f"{flag} must be {describe_limits(*f.metadata['limits'])}")
     return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the YAML file, then explicit overrides (the command line)."""
-    return validate(TrainConfig(**{**read_options(path, config_fields()), **overrides}))
+def describe_limits(low: float | None, high: float | None, open_low: bool, open_high: bool) -> str:
+    """'>= 1', '> 0', 'in (0, 1]': the accepted range as an error message says it."""
+    if high is None:
+        return f"{'>' if open_low else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if open_high else '<='} {high:g}"
+    return f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
 
-
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Refuse impossible values with a message naming the option."""
-    checks = [
-        (cfg.avg_every >= 1, "--avg-every must be >= 1"),
-        (cfg.workers is None or cfg.workers >= 1, "--workers must be >= 1"),
-        (cfg.minibatch >= 1, "--minibatch must be >= 1"),
-        (cfg.epochs >= 1, "--epochs must be >= 1"),
-        (cfg.context >= 0, "--context must be >= 0"),
-        (cfg.hidden_layers >= 0, "--hidden-layers must be >= 0"),
-        (cfg.hidden_dim >= 1, "--hidden-dim must be >= 1"),
-        (cfg.lr > 0, "--lr must be > 0"),
-        (0 <= cfg.momentum < 1, "--momentum must be in [0, 1)"),
-        (0 < cfg.cv_fraction < 1, "--cv-fraction must be in (0, 1)"),
-        (cfg.buffer_frames >= 1, "--buffer-frames must be >= 1"),
-        (cfg.log_every >= 1, "--log-every must be >= 1"),
-        (cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
-        (cfg.cv_every >= 0, "--cv-every must be >= 0"),
-        (cfg.timeout > 0, "--timeout must be > 0"),
-        (cfg.max_rollbacks >= 0, "--max-rollbacks must be >= 0"),
-        (0 < cfg.rollback_lr_factor <= 1, "--rollback-lr-factor must be in (0, 1]"),
-    ]
-    return check(cfg, checks, config_fields())

@@ -6,21 +6,24 @@ Prepares the Asterisk/pocketsphinx senone corpus if absent, trains a DNN acousti
 
 Example::
 
-    run_demo(data_dir="data/demo", out="exp/demo", workers=2)
+    modelavg demo --workers 2 --out exp/demo
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
-import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import yaml
-
+from modelavg import launch
 from modelavg.config import TrainConfig, validate
 from modelavg.errors import UsageError
+from modelavg.evaluate import evaluate_data_dir, format_result
+from modelavg.io import atomic_write_bytes
+from modelavg.nets.dnn import load_model
+from modelavg.report import epoch_table, load_metrics, plot_run
+from modelavg.train import train
 
 # The demo's recipe: chosen so the whole run fits in about 10 minutes on 2 CPU cores.
 DEMO_OPTIONS = {
@@ -48,59 +51,38 @@ def clear_previous(out: Path) -> None:
     shutil.rmtree(out)
 
 
-def train_demo(cfg: TrainConfig) -> None:
-    """Train with real worker processes (or in-process when asked), like ``modelavg train``."""
-    from modelavg import launch
-    from modelavg.cli import run_training
-
-    if cfg.in_process or (cfg.workers or 1) == 1:
-        run_training(cfg, None)
-        return
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(asdict(cfg), fh)
-    try:
-        code = launch.spawn_local(["train", "--config", fh.name], cfg.workers)
-    finally:
-        Path(fh.name).unlink(missing_ok=True)
-    if code != 0:
-        raise UsageError(f"demo training failed (exit code {code})")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default="data/demo", help="demo corpus (built if absent)")
+    p.add_argument("--out", default="exp/demo", help="run directory (default: exp/demo)")
+    p.add_argument("--workers", type=int, default=2, help="workers (default: 2 processes)")
+    p.add_argument("--in-process", action="store_true", help="logical workers in one process")
+    p.add_argument("--epochs", type=int, help="override the demo's number of epochs")
 
 
-def run_demo(
-    data_dir: str = "data/demo",
-    out: str = "exp/demo",
-    workers: int = 2,
-    in_process: bool = False,
-    overrides: dict | None = None,
-) -> Path:
-    """Prepare, train, evaluate, report. Returns the report path."""
-    from modelavg.evaluate import evaluate_data_dir, format_result
-    from modelavg.nets.dnn import load_model
+def run(args: argparse.Namespace) -> int:
+    """Prepare, train (through the one launch path), evaluate, report.
 
+    Spawned workers re-run this command and only train; the process that spawned them (or, under
+    torchrun/mpirun/srun, rank 0) evaluates and writes the report.
+    """
     t0 = time.time()
-    data, run_dir = Path(data_dir), Path(out)
+    data, run_dir = Path(args.data_dir), Path(args.out)
+    penv = launch.detect()
     if not (data / "train" / "feats.scp").exists():
+        if penv is not None:
+            raise UsageError(f"--data-dir {data}: not prepared; run modelavg prepare-demo first")
         from modelavg.corpora.asterisk import prepare_demo
 
         prepare_demo(data)
     prepared = time.time()
-    clear_previous(run_dir)
-    # every senone of the class map is an output, also those seen only in test_other
-    classes = len((data / "classes.txt").read_text().splitlines())
-    options = {**DEMO_OPTIONS, "num_classes": classes, **(overrides or {})}
-    cfg = validate(
-        TrainConfig(
-            data=str(data / "train"),
-            cv=str(data / "cv"),
-            out=str(run_dir),
-            workers=workers,
-            in_process=in_process,
-            **options,
-        )
-    )
-    train_demo(cfg)
+    if penv is None:
+        clear_previous(run_dir)
+    cfg = demo_config(data, run_dir, args.workers, args.in_process, args.epochs)
+    code = launch.run_job(cfg, args.argv, train)
+    reports = penv is None or (penv.launcher != "spawn" and penv.rank == 0)
+    if code or not reports:
+        return code
     trained = time.time()
-
     model = load_model(run_dir / "final.pt")
     results = {}
     for split in ("test", "test_other"):
@@ -108,23 +90,36 @@ def run_demo(
             model, data / split, class_map=data, train_dir=data / "train"
         )
         print(format_result(split, results[split]))
-    report = write_report(
-        run_dir,
-        cfg,
-        results,
-        {"prepare_s": prepared - t0, "train_s": trained - prepared, "total_s": time.time() - t0},
-    )
+    times = {"prepare_s": prepared - t0, "train_s": trained - prepared, "total_s": time.time() - t0}
+    report = write_report(run_dir, cfg, results, times)
     print(
         f"\nreport: {report}\nplots:  {', '.join(str(p) for p in sorted(run_dir.glob('*.png')))}"
         f"\nmodel:  {run_dir / 'final.pt'}\nlog:    {run_dir / 'metrics.jsonl'}"
     )
-    return report
+    return 0
+
+
+def demo_config(
+    data: Path, out: Path, workers: int, in_process: bool, epochs: int | None
+) -> TrainConfig:
+    """The demo's recipe on the prepared corpus; every senone of the class map is an output,
+    also those seen only in test_other."""
+    classes = len((data / "classes.txt").read_text().splitlines())
+    options = {**DEMO_OPTIONS, "num_classes": classes, **({"epochs": epochs} if epochs else {})}
+    return validate(
+        TrainConfig(
+            data=str(data / "train"),
+            cv=str(data / "cv"),
+            out=str(out),
+            workers=workers,
+            in_process=in_process,
+            **options,
+        )
+    )
 
 
 def write_report(run_dir: Path, cfg: TrainConfig, results: dict, times: dict) -> Path:
     """report.md: what ran, how long, accuracies beside their baselines, the plots."""
-    from modelavg.io import atomic_write_bytes
-    from modelavg.report import epoch_table, load_metrics, plot_run
 
     plot_run(run_dir, title=f"{cfg.workers} workers, K={cfg.avg_every}")
     metrics = load_metrics(run_dir)

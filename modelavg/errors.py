@@ -31,3 +31,11 @@ class Infeasible(UsageError):
     """
 
     exit_code = 4
+
+
+class Reported(ModelavgError):
+    """This process stops because another one hit an error and reported it: print nothing."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__("")
+        self.exit_code = exit_code

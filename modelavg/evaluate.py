@@ -1,5 +1,8 @@
 """Frame-level evaluation: cross-entropy and frame accuracy, summable across workers.
 
+``modelavg eval`` (``add_arguments``/``run``) reports them for a saved model on a data directory,
+with phone accuracy and PER where the corpus has a class map.
+
 Example::
 
     stats = frame_stats(model, table, context=5)   # tensor [loss_sum, correct, frames]
@@ -8,12 +11,17 @@ Example::
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modelavg.data.frames import FrameTable
 from modelavg.errors import UsageError
+from modelavg.nets.dnn import load_model
 
 
 @torch.no_grad()
@@ -89,7 +97,6 @@ def evaluate_data_dir(
     and ``train_dir``, also phone frame accuracy and the phone error rate of a Viterbi decode
     with a frame-level phone bigram estimated from the training alignments.
     """
-    from pathlib import Path
 
     from modelavg import phones
     from modelavg.data.kaldi import read_labels
@@ -168,3 +175,37 @@ def format_result(name: str, r: dict) -> str:
             f"{r['reference_phones']} reference phones)",
         ]
     return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model file (final.pt)")
+    p.add_argument("--data", required=True, help="data directory with feats.scp, targets.scp")
+    p.add_argument("--feats", help="override feats.scp (path or rspecifier)")
+    p.add_argument("--targets", help="override targets.scp (path or rspecifier)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.add_argument(
+        "--class-map",
+        help="directory with classes.txt and phones.txt for phone "
+        "accuracy and PER (default: the parent of --data, if it has them)",
+    )
+    p.add_argument(
+        "--train-data",
+        help="training data dir for the majority-class baseline and "
+        "the phone bigram (default: the sibling train/ of --data with a class map)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``modelavg eval``: one data directory, printed as text or one JSON object."""
+    data = Path(args.data)
+    class_map = args.class_map
+    if class_map is None and (data.parent / "classes.txt").exists():
+        class_map = data.parent
+    train_dir = args.train_data
+    if train_dir is None and class_map is not None and (data.parent / "train").is_dir():
+        train_dir = data.parent / "train"
+    result = evaluate_data_dir(
+        load_model(args.model), data, args.feats, args.targets, class_map, train_dir
+    )
+    print(json.dumps(result) if args.json else format_result(str(data), result))
+    return 0

@@ -1,4 +1,5 @@
-"""Joining a job: torchrun, mpirun/mpiexec (OpenMPI, MPICH), srun, or local processes we spawn.
+"""The one launch path of every command: torchrun, mpirun/mpiexec (OpenMPI, MPICH), srun, or
+local processes we spawn (``--workers N``), or N logical workers in this process.
 
 Whoever launched us, the result is a rank, a world size and a local rank; the process group then
 rendezvouses over env:// (MASTER_ADDR/MASTER_PORT), which works with the pip PyTorch wheel (its
@@ -6,8 +7,8 @@ rendezvouses over env:// (MASTER_ADDR/MASTER_PORT), which works with the pip PyT
 
 Example::
 
-    env = detect()           # None when not started by a launcher
-    comm = connect(cfg, env)
+    def work(cfg, comm): train(cfg, comm)
+    code = run_job(cfg, argv, work)     # detect -> spawn or join -> work -> exit code
 """
 
 from __future__ import annotations
@@ -19,17 +20,42 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from modelavg.comm.base import Communicator
 from modelavg.comm.inprocess import InProcessCommunicator
-from modelavg.errors import UsageError, WorkerLost
+from modelavg.errors import Infeasible, UsageError, WorkerLost
+from modelavg.io import check_out_dir
 
 PEER_LOST = WorkerLost.exit_code  # a worker that stopped because another one died
+SELF_REPORTED = (UsageError.exit_code, Infeasible.exit_code)  # the worker printed why
+GRACE_S = 5.0  # after one worker fails, how long the others may take to stop on their own
+
+
+def run_job(cfg: Any, argv: list[str], work: Callable[[Any, Communicator], None]) -> int:
+    """Check --out, then spawn ``--workers`` local processes running ``modelavg <argv>``, or join
+    the launcher's job (or host in-process workers) and run ``work(cfg, comm)``.
+
+    Under ``torchrun --max-restarts`` a restarted process resumes from the last checkpoint.
+    Returns the exit code (0; or a spawned job's first failure).
+    """
+    checkpoints = Path(cfg.out) / "checkpoints" / "LATEST" if cfg.out else None
+    has_run = checkpoints is not None and checkpoints.exists()
+    if has_run and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        cfg.resume = True  # torchrun restarted us: continue from the checkpoint
+    check_out_dir(cfg.out, has_run, cfg.resume)
+    penv = detect()
+    if penv is None and not cfg.in_process and (cfg.workers or 1) > 1:
+        return spawn_local(argv, cfg.workers)
+    with joined(cfg, penv) as comm:
+        work(cfg, comm)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -112,15 +138,23 @@ def ensure_rendezvous(penv: ProcessEnv) -> None:
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
-    """auto: one GPU per process (cuda:local_rank) when GPUs exist, else the CPU."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+    """auto: one GPU per process (cuda:local_rank) when GPUs exist, else the CPU; ``cuda``
+    without an index also means this process's GPU."""
+    if requested == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device("cuda" if requested == "auto" else requested)
+    except RuntimeError:
+        raise UsageError(f"--device {requested}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise UsageError(f"--device {requested}: no CUDA device available")
-    return device
+    count = torch.cuda.device_count()
+    index = local_rank % count if device.index is None else device.index
+    if index >= count:
+        raise UsageError(f"--device {requested}: this machine has {count} GPU(s)")
+    return torch.device("cuda", index)
 
 
 def connect(cfg, penv: ProcessEnv | None) -> Communicator:
@@ -135,6 +169,12 @@ def connect(cfg, penv: ProcessEnv | None) -> Communicator:
     device = pick_device(cfg.device, penv.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        gpus = torch.cuda.device_count()
+        if cfg.backend in ("auto", "nccl") and penv.local_world_size > gpus:
+            raise UsageError(
+                f"{penv.local_world_size} processes on this machine but {gpus} GPU(s): NCCL needs "
+                "one GPU per process; use --backend gloo, fewer processes, or --in-process"
+            )
     if cfg.backend == "mpi":
         from modelavg.comm.mpi import MPICommunicator
 
@@ -173,31 +213,22 @@ def end_process(code: int) -> int:
 
 
 @contextmanager
-def joined(cfg, penv: ProcessEnv | None) -> Iterator[Communicator]:
+def joined(cfg: Any, penv: ProcessEnv | None) -> Iterator[Communicator]:
     """Set threads, join the job (or host N in-process workers), and leave it afterwards.
 
-    A collective that fails because a peer died (connection closed) or hung past --timeout
-    becomes a one-line ``WorkerLost`` instead of a traceback.
+    A failed collective surfaces as ``WorkerLost`` (raised by the communicator); any other error
+    of this worker passes through with its own message and traceback.
     """
     local = penv.local_world_size if penv and not cfg.in_process else 1
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local))
-    # Saturated sigmoids make denormal floats, and CPUs compute on those ~20x slower (measured:
-    # 1 s instead of 46 ms per a saturated model's step); flushing them to zero changes only
-    # values below ~1e-38.
+    # Saturated sigmoids make denormal floats, and CPUs compute on those ~20x slower; flushing
+    # them to zero changes only values below ~1e-38.
     torch.set_flush_denormal(True)
     if penv and penv.rank != 0:
         cfg.progress = False
     comm = connect(cfg, penv)
     try:
         yield comm
-    except (torch.distributed.DistError, RuntimeError) as exc:
-        if comm.num_processes == 1:
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WorkerLost(
-            f"worker rank {comm.process_rank}: a collective failed, another worker died or hung "
-            f"past --timeout {cfg.timeout:g}s ({first[:200]})"
-        ) from None
     finally:
         comm.close()
 
@@ -218,6 +249,9 @@ def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:
     """Run ``modelavg <argv>`` as ``workers`` local processes; if one fails, stop the rest.
 
     Returns the exit code: 0 when all succeed, else the first failure's code (or 128 + signal).
+    A worker that reported its own error (a usage error, infeasible options) has printed why;
+    otherwise the launcher names the rank that failed first (not one that stopped because its
+    peer died).
     """
     port = free_port()
     procs = []
@@ -225,21 +259,25 @@ def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:
         env = {**os.environ, **local_rank_env(rank, workers, port), "MODELAVG_LAUNCHER": "spawn"}
         procs.append(subprocess.Popen([sys.executable, "-m", "modelavg", *argv], env=env))
     try:
+        deadline = None
         while True:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:  # name the culprit, not a worker that stopped because its peer died
-                rank, code = min(failed, key=lambda rc: (rc[1] == PEER_LOST, rc[0]))
-                why = f"signal {-code}" if code < 0 else f"exit code {code}"
-                print(
-                    f"modelavg: error: worker rank {rank} failed ({why}); stopping the others",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                stop_all(procs)
-                return 128 - code if code < 0 else code
             if all(c == 0 for c in codes):
                 return 0
+            if failed and deadline is None:
+                deadline = time.monotonic() + GRACE_S  # the others may stop on their own
+            if failed and (None not in codes or time.monotonic() > deadline):
+                rank, code = min(failed, key=lambda rc: (rc[1] == PEER_LOST, rc[0]))
+                if code not in SELF_REPORTED:
+                    why = f"signal {-code}" if code < 0 else f"exit code {code}"
+                    print(
+                        f"modelavg: error: worker rank {rank} failed ({why}); stopping the others",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                stop_all(procs)
+                return 128 - code if code < 0 else code
             time.sleep(poll_s)
     except KeyboardInterrupt:
         stop_all(procs)

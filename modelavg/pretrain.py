@@ -1,29 +1,23 @@
-"""RBM (DBN) pretraining on the averaging engine: Kaldi nnet1's recipe, one data shard per worker.
+"""RBM (DBN) pretraining on the engine: Kaldi nnet1's recipe, one data shard per worker (paper §3).
 
-The stack is trained layer by layer (brief §6). For each layer every worker trains its replica of
-the RBM with CD-1 on its own shard (frame-shuffled with the trainer's ``epoch_order``), and the
-replicas are averaged every K minibatches by the same ``ModelAverager`` that fine-tuning uses.
-Momentum buffers, the Gaussian layer's explosion guard and the CD-1 sampling RNG stay local to each
-worker, like the NG-SGD state in training. Every worker does the same number of averaging rounds
-per epoch, and a layer ends with an averaging, so all replicas leave it identical.
+The stack is trained layer by layer. For each layer every worker trains its replica of the RBM
+with CD-1 on its own shard, and the replicas are averaged every K minibatches by the same engine
+and averager that fine-tuning uses. Momentum buffers, the Gaussian layer's explosion guard and the
+CD-1 sampling RNG stay local to each worker, like the NG-SGD state in training. A layer ends with
+an averaging, so all replicas leave it identical.
 
 The input of layer l is the spliced (+-C frames) frame, normalised with the global mean/std of all
 workers' shards, passed through the finished layers < l (sigmoid probabilities), computed per
 minibatch: a precomputed 2048-dim table per shard would cost 8 KB per frame.
 
-Learning-rate scaling (``--lr-scaling``, default ``none``). With the momentum buffers local, the
-*average* of the N replicas moves, to first order, like one momentum-SGD run on the mean of the N
-workers' CD-1 gradients: N x B frames buy one step of the unscaled lr, so per frame the DBN learns
-more slowly than the single-GPU recipe. ``linear`` multiplies the recipe lr by N (the paper's rule
-for fine-tuning) to restore the per-frame progress, but the recipe's RBM steps are already large
-(0.4 x 0.5 / (1 - 0.9) = 2 per averaged gradient for a Bernoulli layer, with --with-bug) and do
-not survive being multiplied: on Fashion-MNIST (646 pixels of variance >= 0.15^2, 2 x 512 RBMs, K =
-10) linear scaling fired the Gaussian guard 2/29/105/290 times for N = 2/4/8/16, doubled the
-Bernoulli layer's reconstruction error already at N = 2, and left a DBN that fine-tunes no better
-than chance (10%) at N = 8, while ``none`` degrades gently: CV accuracy after one fine-tuning epoch
-77.1% (N = 1), 75.5/75.8/73.5/71.3% (N = 2/4/8/16) against 67.2% from a random initialisation.
-Either way the momentum/lr ramp follows the *global* frame count, so an epoch sees the same
-schedule for any N.
+``--lr-scaling`` defaults to ``none`` here: with the momentum buffers local, the average of N
+replicas moves like one momentum-SGD run on the mean of N CD-1 gradients, and the recipe's RBM
+steps are already too large to be multiplied by N (docs/RESULTS.md, "DBN pretraining"). The
+momentum/lr ramp follows the *global* frame count, so an epoch sees the same schedule for any N.
+
+Checkpoints (``--checkpoint-every``, and at every epoch's end) hold the finished layers, the
+current RBM, the averager and every worker's CD-1 state, so ``--resume`` (or a torchrun restart)
+continues to the bitwise-identical ``dbn.pt``.
 
 Example::
 
@@ -35,142 +29,27 @@ Example::
 from __future__ import annotations
 
 import copy
-import io
-import json
-import os
-import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from modelavg import checkpoint as ckpt
 from modelavg.averaging import Averager, ModelAverager
-from modelavg.averaging.base import flatten, unflatten_
 from modelavg.comm.base import Communicator
-from modelavg.config import ParallelOptions, check, opt, read_options
-from modelavg.data.frames import FrameTable, mean_std, moment_sums
+from modelavg.config import PretrainConfig
+from modelavg.data.frames import FrameTable
 from modelavg.data.kaldi import Corpus, read_corpus
-from modelavg.data.shards import epoch_order, minibatches, partition, rounds_per_epoch
-from modelavg.errors import Infeasible, UsageError
-from modelavg.io import atomic_write_bytes
-from modelavg.nets.rbm import (
-    DBN,
-    RBM,
-    CD1Config,
-    CD1Trainer,
-    LayerPlan,
-    StepResult,
-    pretraining_plan,
-    save_dbn,
-)
+from modelavg.data.sharded import global_mean_std, shard_corpus
+from modelavg.engine import Engine, Progress
+from modelavg.errors import UsageError
+from modelavg.nets.dbn import DBN, LayerPlan, pretraining_plan, save_dbn
+from modelavg.nets.rbm import RBM, CD1Config, CD1Trainer
+from modelavg.pretrain_log import DBN_FILE, FEATURE_TRANSFORM, PretrainLog, Window
 
-DBN_FILE = "dbn.pt"
-LOG_FILE = "pretrain.jsonl"
-PLOT_FILE = "pretrain.png"
-FEATURE_TRANSFORM = "splice-global-cmvn"
 STATS_CHUNK = 4096  # frames per forward pass when computing mean activations
-LR_SCALING_DEFAULT = "none"  # "linear" breaks the RBMs from N = 2 on (module docstring)
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PretrainConfig(ParallelOptions):
-    # data
-    data: str | None = opt(
-        None, "training data directory (feats.scp; targets are not needed)", group="data"
-    )
-    feats: str | None = opt(None, "override feats.scp: a path or rspecifier", group="data")
-    context: int = opt(
-        5, "splice +-C frames around each frame (0 for non-sequential data)", group="data"
-    )
-    buffer_frames: int = opt(32768, "frame-shuffling buffer size per worker", group="data")
-    max_utt_frames: int = opt(
-        6000, "skip longer utterances, as nnet1 does (0 = keep all)", group="data"
-    )
-    skip_bad_utts: bool = opt(
-        False, "drop (and count) unusable utterances instead of failing", group="data"
-    )
-    # model
-    hidden_layers: int = opt(4, "RBMs in the stack (the recipe: 6)", group="model")
-    hidden_dim: int = opt(1024, "hidden units per RBM (the recipe: 2048)", group="model")
-    # RBM training
-    rbm_iter: int = opt(
-        1, "epochs per Bernoulli RBM; the Gaussian first RBM runs twice as many", group="rbm"
-    )
-    minibatch: int = opt(100, "frames per CD-1 minibatch", group="rbm")
-    lr_scaling: str = opt(
-        LR_SCALING_DEFAULT,
-        "multiply the recipe lr (0.01, 0.4) by the number of workers",
-        ("linear", "none"),
-        "rbm",
-    )
-    with_bug: bool = opt(
-        True, "Kaldi's --with-bug=true: momentum 0.9 from the first minibatch", group="rbm"
-    )
-    # parallelism
-    avg_every: int = opt(10, "average the RBM replicas every K minibatches", group="parallel")
-    # run
-    out: str | None = opt(
-        None, "output directory (dbn.pt, pretrain.jsonl, pretrain.png)", group="run"
-    )
-    seed: int = opt(777, "random seed (initialisation, CD-1 sampling, frame order)", group="run")
-    log_every: int = opt(50, "write a pretrain.jsonl line every M averaging rounds", group="run")
-    progress: bool = opt(True, "show a progress bar", group="run")
-
-
-def pretrain_config_fields() -> list:
-    """The fields that become ``modelavg pretrain`` options (same scheme as config_fields)."""
-    return [f for f in fields(PretrainConfig) if f.default is not MISSING]
-
-
-def load_pretrain_config(
-    path: str | os.PathLike | None, overrides: dict[str, Any]
-) -> PretrainConfig:
-    """Defaults, then the YAML file (if any), then ``overrides`` (the command line); validated."""
-    values = read_options(path, pretrain_config_fields())
-    return validate(PretrainConfig(**{**values, **overrides}))
-
-
-def validate(cfg: PretrainConfig) -> PretrainConfig:
-    """Refuse impossible values with a message naming the option."""
-    checks = [
-        (cfg.hidden_layers >= 1, "--hidden-layers must be >= 1"),
-        (cfg.hidden_dim >= 1, "--hidden-dim must be >= 1"),
-        (cfg.rbm_iter >= 1, "--rbm-iter must be >= 1"),
-        (cfg.minibatch >= 1, "--minibatch must be >= 1"),
-        (cfg.avg_every >= 1, "--avg-every must be >= 1"),
-        (cfg.workers is None or cfg.workers >= 1, "--workers must be >= 1"),
-        (cfg.context >= 0, "--context must be >= 0"),
-        (cfg.buffer_frames >= 1, "--buffer-frames must be >= 1"),
-        (cfg.max_utt_frames >= 0, "--max-utt-frames must be >= 0"),
-        (cfg.log_every >= 1, "--log-every must be >= 1"),
-        (cfg.timeout > 0, "--timeout must be > 0"),
-    ]
-    return check(cfg, checks, pretrain_config_fields())
-
-
-def check_out_dir(cfg: PretrainConfig) -> None:
-    """Refuse a missing, unwritable or already used --out before any work starts."""
-    if cfg.out is None:
-        raise UsageError("--out is required")
-    out = Path(cfg.out)
-    if (out / DBN_FILE).exists():
-        raise UsageError(f"--out {out} already holds a {DBN_FILE}: choose another directory")
-    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not os.access(parent, os.W_OK) or (out.exists() and not out.is_dir()):
-        raise UsageError(f"--out {out}: not a writable directory")
-
-
-# --------------------------------------------------------------------------------------------------
-# Data: shards and the global input normalisation
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -219,93 +98,73 @@ class PretrainData:
 
 def load_pretrain_data(cfg: PretrainConfig, comm: Communicator) -> PretrainData:
     """Features only; the same partition and the same global statistics on every process."""
-    if cfg.data is None and cfg.feats is None:
-        raise UsageError("--data is required")
-    corpus = read_corpus(
-        cfg.data or ".", cfg.feats, need_targets=False, skip_bad_utts=cfg.skip_bad_utts
-    )
-    limit = cfg.max_utt_frames
-    feats = {u: m for u, m in corpus.feats.items() if not limit or len(m) <= limit}
-    if not feats:
-        raise UsageError(f"{corpus.source}: all utterances exceed --max-utt-frames {limit}")
-    skipped = len(corpus.feats) - len(feats)
-    corpus = Corpus(feats, None, corpus.source)  # targets (if any) are not needed
-
-    shards = partition({u: len(m) for u, m in feats.items()}, comm.num_workers)
-    shard_frames = [sum(len(feats[u]) for u in s) for s in shards]
-    rounds = rounds_per_epoch(shard_frames, cfg.avg_every, cfg.minibatch)
-    if rounds == 0:
-        raise Infeasible(
-            f"--avg-every {cfg.avg_every} x --minibatch {cfg.minibatch} frames exceeds the "
-            f"smallest shard ({min(shard_frames)} frames with {comm.num_workers} workers): "
-            "lower one of them or --workers"
+    with comm.one_voice():  # no collectives inside: every process fails alike or not at all
+        if cfg.data is None and cfg.feats is None:
+            raise UsageError("--data is required")
+        corpus = read_corpus(
+            cfg.data or ".", cfg.feats, need_targets=False, skip_bad_utts=cfg.skip_bad_utts
         )
-    tables = [FrameTable.from_corpus(corpus, shards[w]) for w in comm.worker_ids]
-    sums = comm.sum_stats([moment_sums(t).to(comm.device) for t in tables]).cpu()
-    mean, std = mean_std(sums)
+        limit = cfg.max_utt_frames
+        feats = {u: m for u, m in corpus.feats.items() if not limit or len(m) <= limit}
+        if not feats:
+            raise UsageError(f"{corpus.source}: all utterances exceed --max-utt-frames {limit}")
+        skipped = len(corpus.feats) - len(feats)
+        corpus = Corpus(feats, None, corpus.source)  # targets (if any) are not needed
+        shards = shard_corpus(
+            corpus, comm.num_workers, comm.worker_ids, cfg.avg_every, cfg.minibatch
+        )
+    mean, std, frames = global_mean_std(comm, shards.tables)
     splice = 2 * cfg.context + 1
+    device = comm.device
     features = FeatureTransform(
-        cfg.context,
-        mean.repeat(splice).to(comm.device),
-        std.repeat(splice).to(comm.device),
-        int(sums[0, 0]),
+        cfg.context, mean.repeat(splice).to(device), std.repeat(splice).to(device), frames
     )
-    return PretrainData(
-        [t.to(comm.device) for t in tables], shard_frames, rounds, features, skipped
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# The layer loop
-# --------------------------------------------------------------------------------------------------
+    tables = [t.to(device) for t in shards.tables]
+    return PretrainData(tables, shards.shard_frames, shards.rounds, features, skipped)
 
 
 @dataclass
-class Window:
-    """Per-worker sums since the last log line: summable across workers with one sum_stats."""
-
-    error: float = 0.0  # sum over frames of the squared reconstruction error
-    frames: int = 0
-    guard_firings: int = 0
-    lr: float = 0.0  # sums over steps, for the mean
-    momentum: float = 0.0
-    steps: int = 0
-
-    def add(self, result: StepResult, frames: int) -> None:
-        self.error += result.reconstruction_error * frames
-        self.frames += frames
-        self.guard_firings += int(result.guard_fired)
-        self.lr += result.lr
-        self.momentum += result.momentum
-        self.steps += 1
-
-    def tensor(self, device: torch.device) -> torch.Tensor:
-        values = [self.error, self.frames, self.guard_firings, self.lr, self.momentum, self.steps]
-        return torch.tensor(values, dtype=torch.float64, device=device)
-
-
-@dataclass
-class Replica:
-    """One worker's copy of the RBM being trained, with its local CD-1 state and shard."""
+class RBMWorker:
+    """One worker's replica of the RBM being trained; the engine's ``Worker``."""
 
     worker: int
-    rbm: RBM
+    module: RBM
     trainer: CD1Trainer
     table: FrameTable
+    layer_input: Any  # frame indices -> this layer's input (splice, normalise, finished layers)
+    other_frames: int  # frames the other workers consume per minibatch: the ramp counts them too
     window: Window = field(default_factory=Window)
+
+    def step(self, idx: torch.Tensor) -> None:
+        v = self.layer_input(self.table, idx)
+        result = self.trainer.step(v)
+        self.trainer.frames_seen += self.other_frames
+        self.window.add(result, len(v))
+
+    def take_stats(self) -> torch.Tensor:
+        stats = self.window.tensor(self.table.feats.device)
+        self.window = Window()
+        return stats
 
 
 @dataclass
 class Run:
-    """What every layer shares: options, communicator, shards, averaging engine, outputs."""
+    """The position in the stack and what every layer shares."""
 
     cfg: PretrainConfig
-    comm: Communicator
+    engine: Engine
     data: PretrainData
-    averager: Averager
+    plans: list[LayerPlan]
     log: PretrainLog
-    bar: tqdm
-    lr_scale: float
+    stack: DBN  # finished layers: identical on every worker, one copy serves all local replicas
+    layer: int = 0  # index of the layer being trained
+    epoch: int = 1  # epoch of that layer
+    round: int = 0  # first round to run in that epoch (non-zero after a mid-epoch resume)
+    resumed: dict | None = None  # the checkpoint's current layer state, until it is used
+
+    @property
+    def comm(self) -> Communicator:
+        return self.engine.comm
 
 
 def pretrain(cfg: PretrainConfig, comm: Communicator, averager: Averager | None = None) -> Path:
@@ -314,52 +173,102 @@ def pretrain(cfg: PretrainConfig, comm: Communicator, averager: Averager | None 
     ``averager`` (default ``ModelAverager(comm)``) syncs the replicas; pass a subclass to observe
     the synchronisation points.
     """
-    out = Path(cfg.out)
+    run = start(cfg, comm, averager or ModelAverager(comm))
+    total = sum(p.epochs for p in run.plans) * run.data.rounds
+    done = sum(p.epochs for p in run.plans[: run.layer]) + run.epoch - 1
+    bar = Progress(
+        total,
+        run.engine.frames_per_round,
+        cfg.progress and comm.is_main,
+        initial=done * run.data.rounds + run.round,
+    )
+    while run.layer < len(run.plans):
+        plan = run.plans[run.layer]
+        workers = make_workers(run, plan)
+        train_layer(run, plan, workers, bar)
+        run.stack.append(workers[0].module)
+        if comm.is_main:  # after every layer, so an interrupted run keeps the finished layers
+            save_dbn(Path(cfg.out) / DBN_FILE, run.stack, run.data.features.state())
+            run.log.plot()
+        run.layer, run.epoch, run.round = run.layer + 1, 1, 0
+        save_checkpoint(run, workers=[])
+    bar.close()
+    comm.barrier()
+    if comm.is_main:
+        print(f"DBN of {cfg.hidden_layers} x {cfg.hidden_dim} RBMs: {Path(cfg.out) / DBN_FILE}")
+    return Path(cfg.out) / DBN_FILE
+
+
+def start(cfg: PretrainConfig, comm: Communicator, averager: Averager) -> Run:
     data = load_pretrain_data(cfg, comm)
+    engine = Engine(comm, averager, cfg.avg_every, cfg.minibatch, cfg.seed, cfg.buffer_frames)
     plans = pretraining_plan(
         data.features.spliced_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.rbm_iter
     )
-    lr_scale = comm.num_workers if cfg.lr_scaling == "linear" else 1
-    log = PretrainLog(out, comm.is_main)
-    log.start(cfg, comm, data, plans, lr_scale)
-    bar = progress_bar(cfg, comm, sum(p.epochs for p in plans) * data.rounds)
-    run = Run(cfg, comm, data, averager or ModelAverager(comm), log, bar, lr_scale)
-    stack = DBN()  # finished layers: identical on every worker, one copy serves all local replicas
-    epochs_done = 0
-    for plan in plans:
-        replicas = make_replicas(run, plan, initial_rbm(run, plan, stack))
-        train_layer(run, plan, replicas, stack, epochs_done)
-        epochs_done += plan.epochs
-        stack.append(replicas[0].rbm)
-        if comm.is_main:  # after every layer, so an interrupted run keeps the finished layers
-            save_dbn(out / DBN_FILE, stack, data.features.state())
-            log.plot()
-    bar.close()
-    comm.barrier()
-    return out / DBN_FILE
+    log = PretrainLog(Path(cfg.out), comm.is_main, plans)
+    run = Run(cfg, engine, data, plans, log, DBN())
+    if cfg.resume:
+        with comm.one_voice():
+            restore(run)
+    else:
+        dim = data.features.spliced_dim
+        log.start(cfg, comm, data.rounds, data.shard_frames, data.skipped_long, dim, lr_scale(run))
+    return run
 
 
-def initial_rbm(run: Run, plan: LayerPlan, stack: DBN) -> RBM:
-    """W ~ N(0, 0.1^2) from (seed, layer); Bernoulli layers get b_v = logit(mean activation below).
+def lr_scale(run: Run) -> int:
+    return run.comm.num_workers if run.cfg.lr_scaling == "linear" else 1
 
-    Broadcast from process 0 afterwards, as the trainer does, so replicas start equal even where
-    RNGs differ across machines.
-    """
+
+def make_workers(run: Run, plan: LayerPlan) -> list[RBMWorker]:
+    """Equal RBMs; each worker gets its own CD-1 trainer (momentum, guard state, sampling RNG)."""
+    cfg, comm = run.cfg, run.comm
+    rbm = initial_rbm(run, plan)
+    config = CD1Config.for_visible_type(
+        plan.visible_type, lr=plan.lr * lr_scale(run), with_bug=cfg.with_bug
+    )
+    features, stack = run.data.features, run.stack
+    workers = []
+    for worker, table in zip(comm.worker_ids, run.data.tables, strict=True):
+        local = copy.deepcopy(rbm)
+        trainer = CD1Trainer(local, config, seed=stream_seed(cfg.seed, plan.index, worker))
+        workers.append(
+            RBMWorker(
+                worker,
+                local,
+                trainer,
+                table,
+                lambda t, idx: stack.transform(features(t, idx)),
+                (comm.num_workers - 1) * cfg.minibatch,
+            )
+        )
+    if run.resumed is not None:  # a checkpoint inside this layer
+        shared, states = run.resumed
+        for w in workers:
+            w.module.load_state_dict(shared["rbm"])
+            w.trainer.load_state_dict(states[w.worker]["trainer"])
+            w.window = Window(**states[w.worker]["window"])
+        run.engine.averager.load_state_dict(shared["averager"])
+        run.resumed = None
+    return workers
+
+
+def initial_rbm(run: Run, plan: LayerPlan) -> RBM:
+    """W ~ N(0, 0.1^2) from (seed, layer); Bernoulli layers get b_v = logit(mean activation
+    below); then broadcast from process 0, so replicas start equal on any machines."""
     generator = torch.Generator().manual_seed(stream_seed(run.cfg.seed, plan.index))
     rbm = RBM(plan.visible_dim, plan.hidden_dim, plan.visible_type, generator=generator)
     rbm = rbm.to(run.comm.device)
     if plan.visible_type == "bernoulli":
-        rbm.init_visible_bias_from_mean(mean_activation(run.comm, stack, run.data))
-    with torch.no_grad():
-        flat = flatten(rbm)
-        run.comm.broadcast_(flat)
-        unflatten_(flat, rbm)
+        rbm.init_visible_bias_from_mean(mean_activation(run))
+    run.engine.broadcast(rbm)
     return rbm
 
 
 @torch.no_grad()
-def mean_activation(comm: Communicator, stack: DBN, data: PretrainData) -> torch.Tensor:
+def mean_activation(run: Run) -> torch.Tensor:
     """Mean of the top finished layer's probabilities over all workers' shards (float64 sums)."""
+    comm, stack, data = run.comm, run.stack, run.data
     per_worker = []
     for table in data.tables:
         sums = torch.zeros(stack.output_dim + 1, dtype=torch.float64, device=comm.device)
@@ -372,66 +281,52 @@ def mean_activation(comm: Communicator, stack: DBN, data: PretrainData) -> torch
     return (total[:-1] / total[-1]).float()
 
 
-def make_replicas(run: Run, plan: LayerPlan, rbm: RBM) -> list[Replica]:
-    """Equal RBMs; each worker gets its own CD-1 trainer (momentum, guard state, sampling RNG)."""
-    lr = plan.lr * run.lr_scale
-    config = CD1Config.for_visible_type(plan.visible_type, lr=lr, with_bug=run.cfg.with_bug)
-    replicas = []
-    for worker, table in zip(run.comm.worker_ids, run.data.tables, strict=True):
-        local = copy.deepcopy(rbm)
-        trainer = CD1Trainer(local, config, seed=stream_seed(run.cfg.seed, plan.index, worker))
-        replicas.append(Replica(worker, local, trainer, table))
-    return replicas
+def train_layer(run: Run, plan: LayerPlan, workers: list[RBMWorker], bar: Progress) -> None:
+    """The layer's epochs of: K local CD-1 steps per worker, then average (a layer ends synced)."""
+    cfg, engine, rounds = run.cfg, run.engine, run.data.rounds
+    epochs_before = sum(p.epochs for p in run.plans[: plan.index])
+    if run.epoch == 1 and run.round == 0:
+        engine.averager.start([w.module for w in workers])
+        run.log.layer_start(plan)
+    engine.timer.reset()
+    while run.epoch <= plan.epochs:
+        bar.describe(f"layer {plan.index + 1}/{len(run.plans)} epoch {run.epoch}")
 
-
-def train_layer(
-    run: Run, plan: LayerPlan, replicas: list[Replica], stack: DBN, epochs_done: int
-) -> None:
-    """plan.epochs epochs of: K local CD-1 steps per worker, then average (a layer ends synced)."""
-    cfg, comm, rounds = run.cfg, run.comm, run.data.rounds
-    timer = PhaseTimer(comm.device)
-    models = [r.rbm for r in replicas]
-    other_frames = (comm.num_workers - 1) * cfg.minibatch
-    frames_per_round = cfg.avg_every * cfg.minibatch * comm.num_workers
-    run.averager.start(models)
-    run.log.layer_start(plan)
-    for epoch in range(1, plan.epochs + 1):
-        run.bar.set_description(f"layer {plan.index + 1}/{cfg.hidden_layers} epoch {epoch}")
-        streams = [layer_batches(cfg, r, stack, run.data, epochs_done + epoch) for r in replicas]
-        for round_ in range(1, rounds + 1):
-            with timer("compute"):
-                for replica, stream in zip(replicas, streams, strict=True):
-                    for _ in range(cfg.avg_every):
-                        local_step(replica, next(stream), other_frames)
-            with timer("averaging"):
-                run.averager.sync(models)
+        def after_round(round_: int) -> None:
             if round_ % cfg.log_every == 0 or round_ == rounds:
-                frames = ((epoch - 1) * rounds + round_) * frames_per_round
-                log_round(run, replicas, timer, plan, (epoch, round_, frames))
-            run.bar.update(1)
-    run.log.layer_end(plan, timer)
+                log_round(run, workers, plan, round_, bar)
+            if cfg.checkpoint_every and round_ % cfg.checkpoint_every == 0 and round_ < rounds:
+                run.round = round_
+                save_checkpoint(run, workers)
+            bar.update()
+
+        engine.run_epoch(workers, epochs_before + run.epoch, rounds, run.round, after_round)
+        run.epoch, run.round = run.epoch + 1, 0
+        if run.epoch <= plan.epochs:
+            save_checkpoint(run, workers)
+    run.log.layer_end(plan, engine.timer.totals())
 
 
-def layer_batches(
-    cfg: PretrainConfig, replica: Replica, stack: DBN, data: PretrainData, epoch_key: int
-):
-    """This worker's minibatches of layer input: splice, normalise, up through the finished layers.
-
-    ``epoch_key`` counts epochs over the whole stack, so every layer sees fresh frame orders.
-    """
-    order = epoch_order(
-        replica.table.lengths, cfg.seed, epoch_key, replica.worker, cfg.buffer_frames
-    )
-    device = replica.table.feats.device
-    for idx in minibatches(order, cfg.minibatch):
-        yield stack.transform(data.features(replica.table, idx.to(device)))
-
-
-def local_step(replica: Replica, v: torch.Tensor, other_frames: int) -> None:
-    """One CD-1 update, no communication; the ramp then counts the other workers' frames too."""
-    result = replica.trainer.step(v)
-    replica.trainer.frames_seen += other_frames
-    replica.window.add(result, len(v))
+def log_round(
+    run: Run, workers: list[RBMWorker], plan: LayerPlan, round_: int, bar: Progress
+) -> None:
+    """Reduce every worker's window (all processes join) and write one line."""
+    error, n, guards, lr, momentum, steps = run.engine.reduce_stats(workers).tolist()
+    frames = ((run.epoch - 1) * run.data.rounds + round_) * run.engine.frames_per_round
+    record = {
+        "kind": "round",
+        "layer": plan.index + 1,
+        "epoch": run.epoch,
+        "round": round_,
+        "frames": frames,
+        "reconstruction_error": error / n,
+        "lr": lr / steps,
+        "momentum": momentum / steps,
+        "guard_firings": int(guards),
+        **run.engine.timer.totals(),
+    }
+    run.log.write(record)
+    bar.note(err=f"{error / n:.4g}", guard=str(int(guards)))
 
 
 def stream_seed(seed: int, *keys: int) -> int:
@@ -439,208 +334,38 @@ def stream_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Reporting
-# --------------------------------------------------------------------------------------------------
+# -- checkpoints -------------------------------------------------------------------------------
 
 
-class PhaseTimer:
-    """Seconds in compute and in averaging; synchronises the GPU so the split is honest."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds = {"compute": 0.0, "averaging": 0.0}
-        self._phase = ""
-
-    def __call__(self, phase: str) -> PhaseTimer:
-        self._phase = phase
-        return self
-
-    def __enter__(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[self._phase] += time.perf_counter() - self._t0
-
-    def totals(self) -> dict[str, float]:
-        total = sum(self.seconds.values())
-        return {
-            "compute_s": self.seconds["compute"],
-            "averaging_s": self.seconds["averaging"],
-            "averaging_share": self.seconds["averaging"] / total if total else 0.0,
-        }
-
-
-def log_round(
-    run: Run,
-    replicas: list[Replica],
-    timer: PhaseTimer,
-    plan: LayerPlan,
-    where: tuple[int, int, int],
-) -> None:
-    """Reduce every worker's window (all processes join) and write one line; where = (epoch,
-    round, frames into the layer over all workers)."""
-    comm = run.comm
-    error, n, guards, lr, momentum, steps = comm.sum_stats(
-        [r.window.tensor(comm.device) for r in replicas]
-    ).tolist()
-    for r in replicas:
-        r.window = Window()
-    epoch, round_, frames = where
-    record = {
-        "kind": "round",
-        "layer": plan.index + 1,
-        "epoch": epoch,
-        "round": round_,
-        "frames": frames,
-        "reconstruction_error": error / n,
-        "lr": lr / steps,
-        "momentum": momentum / steps,
-        "guard_firings": int(guards),
-        **timer.totals(),
+def save_checkpoint(run: Run, workers: list[RBMWorker]) -> None:
+    """The finished layers, the position, and (inside a layer) its RBM and every worker's CD-1
+    state; at a layer boundary (no workers) the next layer's start is recomputed on resume."""
+    shared = {
+        "layer": run.layer,
+        "epoch": run.epoch,
+        "round": run.round,
+        "stack": [rbm.state_dict() for rbm in run.stack],
+        "rbm": workers[0].module.state_dict() if workers else None,
+        "averager": run.engine.averager.state_dict() if workers else None,
+        "log_bytes": run.log.size(),
     }
-    run.log.write(record)
-    run.bar.set_postfix(err=f"{error / n:.4g}", guard=int(guards))
+    states = {w: {} for w in run.comm.worker_ids}  # a layer boundary: nothing per worker
+    for w in workers:
+        states[w.worker] = {"trainer": w.trainer.state_dict(), "window": vars(w.window).copy()}
+    root = Path(run.cfg.out) / "checkpoints"
+    name = ckpt.checkpoint_name(run.epoch, run.round, layer=run.layer + 1)
+    ckpt.save(run.comm, root, name, shared, states, run.cfg.keep_checkpoints)
 
 
-def progress_bar(cfg: PretrainConfig, comm: Communicator, total_rounds: int) -> tqdm:
-    frames_per_round = cfg.avg_every * cfg.minibatch * comm.num_workers
-    return tqdm(
-        total=total_rounds,
-        unit="fr",
-        unit_scale=frames_per_round,
-        leave=False,
-        disable=not (cfg.progress and comm.is_main),
-        dynamic_ncols=True,
-    )
-
-
-class PretrainLog:
-    """pretrain.jsonl (one whole line per write, appended) and pretrain.png; main process only."""
-
-    def __init__(self, out: Path, active: bool) -> None:
-        self.out, self.active = out, active
-        self.path = out / LOG_FILE
-        self.curves: dict[int, list[tuple[int, float]]] = {}  # layer -> (frames, error)
-        self.labels: dict[int, str] = {}
-        self._layer_guards = 0
-
-    def start(
-        self,
-        cfg: PretrainConfig,
-        comm: Communicator,
-        data: PretrainData,
-        plans: list[LayerPlan],
-        lr_scale: float,
-    ) -> None:
-        record = {
-            "kind": "start",
-            "time": time.time(),
-            "workers": comm.num_workers,
-            "processes": comm.num_processes,
-            "rounds_per_epoch": data.rounds,
-            "shard_frames": data.shard_frames,
-            "skipped_long_utts": data.skipped_long,
-            "input_dim": data.features.spliced_dim,
-            "lr_scale": lr_scale,
-            "plan": [asdict(p) for p in plans],
-            "config": asdict(cfg),
-        }
-        if not self.active:
-            return
-        atomic_write_bytes((json.dumps(record) + "\n").encode(), self.path)  # a fresh file
-        n = data.skipped_long
-        skipped = f"; {n} utterances over --max-utt-frames skipped" if n else ""
-        print(
-            f"{comm.num_workers} workers, {data.rounds} averaging rounds of {cfg.avg_every} "
-            f"x {cfg.minibatch} frames per epoch; shards {min(data.shard_frames)}-"
-            f"{max(data.shard_frames)} frames; input {data.features.spliced_dim}, "
-            f"{len(plans)} x {cfg.hidden_dim} RBMs, lr x {lr_scale}{skipped}",
-            flush=True,
-        )
-
-    def write(self, record: dict[str, Any]) -> None:
-        if record.get("kind") == "round":
-            layer = record["layer"]
-            self.curves.setdefault(layer, []).append(
-                (record["frames"], record["reconstruction_error"])
-            )
-            self._layer_guards += record["guard_firings"]
-        if self.active:
-            line = json.dumps({"time": time.time(), **record}) + "\n"
-            with self.path.open("a") as fh:
-                fh.write(line)
-
-    def layer_start(self, plan: LayerPlan) -> None:
-        self._layer_guards = 0
-        self.labels[plan.index + 1] = (
-            f"layer {plan.index + 1} ({plan.visible_type} {plan.visible_dim}x{plan.hidden_dim})"
-        )
-
-    def layer_end(self, plan: LayerPlan, timer: PhaseTimer) -> None:
-        curve = self.curves.get(plan.index + 1, [])
-        first, last = (curve[0][1], curve[-1][1]) if curve else (float("nan"),) * 2
-        totals = timer.totals()
-        self.write(
-            {
-                "kind": "layer",
-                "layer": plan.index + 1,
-                "visible_type": plan.visible_type,
-                "epochs": plan.epochs,
-                "frames": curve[-1][0] if curve else 0,
-                "first_reconstruction_error": first,
-                "reconstruction_error": last,
-                "guard_firings": self._layer_guards,
-                **totals,
-            }
-        )
-        if self.active:
-            seconds = totals["compute_s"] + totals["averaging_s"]
-            print(
-                f"{self.labels[plan.index + 1]}: reconstruction error {first:.4g} -> {last:.4g}, "
-                f"{plan.epochs} epoch(s), {self._layer_guards} guard firings, {seconds:.1f} s, "
-                f"averaging {100 * totals['averaging_share']:.1f}%",
-                flush=True,
-            )
-
-    def plot(self) -> None:
-        """Reconstruction error per layer against frames into that layer (log scale), atomically."""
-        if not self.active:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for layer, curve in sorted(self.curves.items()):
-            frames, errors = zip(*curve, strict=True)
-            ax.plot(frames, errors, marker=".", label=self.labels.get(layer, f"layer {layer}"))
-        ax.set_xlabel("frames into the layer (all workers)")
-        ax.set_ylabel("CD-1 reconstruction error per frame")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        atomic_write_bytes(buf.getvalue(), self.out / PLOT_FILE)
-
-
-# --------------------------------------------------------------------------------------------------
-# Entry point for the CLI
-# --------------------------------------------------------------------------------------------------
-
-
-def run_pretraining(cfg: PretrainConfig, penv: Any) -> Path:
-    """Set threads, join the job (or host N in-process workers), pretrain, leave the job."""
-    from modelavg import launch
-
-    with launch.joined(cfg, penv) as comm:
-        path = pretrain(cfg, comm)
-    if comm.is_main:
-        print(f"DBN of {cfg.hidden_layers} x {cfg.hidden_dim} RBMs: {path}", flush=True)
-    return path
+def restore(run: Run) -> None:
+    """Continue from the newest checkpoint: the finished layers, the position, the log."""
+    root = Path(run.cfg.out) / "checkpoints"
+    shared, states = ckpt.restore(root, run.comm.worker_ids, run.comm.device)
+    for plan, state in zip(run.plans, shared["stack"], strict=False):
+        rbm = RBM(plan.visible_dim, plan.hidden_dim, plan.visible_type).to(run.comm.device)
+        rbm.load_state_dict(state)
+        run.stack.append(rbm)
+    run.layer, run.epoch, run.round = shared["layer"], shared["epoch"], shared["round"]
+    if shared["rbm"] is not None:
+        run.resumed = (shared, states)
+    run.log.resume(shared["log_bytes"])

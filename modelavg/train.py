@@ -1,4 +1,5 @@
-"""The worker loop: local minibatch steps, averaging every K, validation and checkpoint per epoch.
+"""Fine-tuning on the engine: DNN workers, validation, the lr schedule, the divergence guard, and
+checkpoints for a bitwise-identical resume.
 
 One process hosts one worker (torchrun, mpirun, srun, ``--workers N``) or N logical workers
 (``--in-process``); the loop is the same, it just steps each local replica in turn.
@@ -13,49 +14,59 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
 from modelavg import checkpoint as ckpt
-from modelavg.analysis.noise import (
-    NOISE_FRAMES,
-    estimate_noise_scales,
-    euclidean,
-    natural_gradient_metric,
-)
-from modelavg.averaging import Averager, make_averager
-from modelavg.averaging.base import flatten, share_flat_storage_, unflatten_
+from modelavg.analysis.live import noise_fields, noise_scale_check
+from modelavg.averaging import make_averager
+from modelavg.averaging.base import share_flat_storage_
 from modelavg.comm.base import Communicator
 from modelavg.config import TrainConfig
 from modelavg.data.frames import FrameTable
-from modelavg.data.shards import epoch_order, minibatches, rounds_per_epoch
 from modelavg.data.training import TrainingData, load_training_data
-from modelavg.errors import UsageError
+from modelavg.engine import Engine, Progress
 from modelavg.evaluate import frame_stats, summary
 from modelavg.guard import DivergenceGuard
-from modelavg.io import atomic_write_bytes
+from modelavg.io import JsonlLog, atomic_write_bytes
 from modelavg.nets.dnn import DNN, save_model
 from modelavg.optim import build_optimizer, set_lr
-from modelavg.optim.ngsgd import NGSGD
-from modelavg.optim.schedules import SCHEDULES, Schedule
+from modelavg.optim.schedules import SCHEDULES, Schedule, make_schedule
 
 
 @dataclass
-class Replica:
-    """One worker's model, optimiser and shards."""
+class DNNWorker:
+    """One worker's model, optimiser and shards; the engine's ``Worker``."""
 
     worker: int
-    model: DNN
+    module: DNN
     optimizer: torch.optim.Optimizer
-    train: FrameTable
+    table: FrameTable
     cv: FrameTable
+    context: int
     stats: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+
+    def step(self, idx: torch.Tensor) -> None:
+        """One minibatch of local SGD (or NG-SGD): no communication."""
+        x, y = self.table.minibatch(idx, self.context)
+        logits = self.module(x)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():  # [summed loss, correct, frames], on the device: no host sync
+            self.stats[0] += loss.double() * len(y)
+            self.stats[1] += (logits.argmax(1) == y).sum()
+            self.stats[2] += len(y)
+
+    def take_stats(self) -> torch.Tensor:
+        stats = self.stats.clone()
+        self.stats.zero_()
+        return stats
 
 
 @dataclass
@@ -63,21 +74,24 @@ class Run:
     """Everything the loop carries: the workers, the algorithms and the position in training."""
 
     cfg: TrainConfig
-    comm: Communicator
-    replicas: list[Replica]
-    averager: Averager
+    engine: Engine
+    workers: list[DNNWorker]
     guard: DivergenceGuard
     schedule: Schedule
-    log: MetricsLog
+    log: JsonlLog
     rounds: int  # averaging rounds per epoch, the same on every worker
     accepted_model: dict  # the last model the schedule accepted (Newbob may reject epochs)
+    class_counts: torch.Tensor  # training targets per class: the priors a decoder divides by
     epoch: int = 1
     round: int = 0  # first round to run in this epoch (non-zero after a mid-epoch resume)
-    timer: Timer | None = None
+
+    @property
+    def comm(self) -> Communicator:
+        return self.engine.comm
 
     @property
     def models(self) -> list[DNN]:
-        return [r.model for r in self.replicas]
+        return [w.module for w in self.workers]
 
     @property
     def lr(self) -> float:
@@ -90,71 +104,79 @@ def train(cfg: TrainConfig, comm: Communicator) -> dict:
     """Run training; returns the final CV summary. The main process writes everything in --out."""
     run = start(cfg, comm)
     while run.epoch <= cfg.epochs:
-        start_epoch(run)
-        batches = [epoch_batches(cfg, r, run.epoch, run.round) for r in run.replicas]
-        bar = progress_bar(cfg, comm, run.epoch, run.rounds, run.round)
-        for round_ in range(run.round + 1, run.rounds + 1):
-            with run.timer("compute"):
-                for replica, stream in zip(run.replicas, batches, strict=True):
-                    for _ in range(cfg.avg_every):
-                        local_step(replica, next(stream), cfg.context)
-            with run.timer("averaging"):
-                run.averager.sync(run.models)
-            check_divergence(run, round_)
-            if round_ % cfg.log_every == 0 or round_ == run.rounds:
-                log_round(run, round_, bar)
-            if cfg.cv_every and round_ % cfg.cv_every == 0 and round_ < run.rounds:
-                log_cv(run, round_)
-            if cfg.checkpoint_every and round_ % cfg.checkpoint_every == 0 and round_ < run.rounds:
-                save_checkpoint(run, round_)
-            bar.update(1)
-        bar.close()
+        train_epoch(run)
         if end_epoch(run):
             break
     return finish(run)
 
 
+def train_epoch(run: Run) -> None:
+    """The epoch's rounds on the engine; between rounds: guard, logs, CV points, checkpoints."""
+    cfg = run.cfg
+    start_epoch(run)
+    bar = Progress(
+        run.rounds,
+        run.engine.frames_per_round,
+        cfg.progress and run.comm.is_main,
+        initial=run.round,
+        desc=f"epoch {run.epoch}/{cfg.epochs}",
+    )
+
+    def after_round(round_: int) -> None:
+        check_divergence(run, round_)
+        if round_ % cfg.log_every == 0 or round_ == run.rounds:
+            log_round(run, round_, bar)
+        if cfg.cv_every and round_ % cfg.cv_every == 0 and round_ < run.rounds:
+            log_cv(run, round_)
+        if cfg.checkpoint_every and round_ % cfg.checkpoint_every == 0 and round_ < run.rounds:
+            save_checkpoint(run, round_)
+        bar.update()
+
+    run.engine.run_epoch(run.workers, run.epoch, run.rounds, run.round, after_round)
+    bar.close()
+
+
 def start(cfg: TrainConfig, comm: Communicator) -> Run:
-    """Data, replicas, algorithms; then either the initial validation or a resume."""
+    """Data, workers, algorithms; then either the initial validation or a resume."""
     data = load_training_data(cfg, comm)
-    replicas = make_replicas(cfg, comm, data)
+    options = {"block_momentum": cfg.block_momentum, "block_lr": cfg.block_lr}
+    averager = make_averager(cfg.averaging, comm, **(options if cfg.averaging == "bmuf" else {}))
+    engine = Engine(comm, averager, cfg.avg_every, cfg.minibatch, cfg.seed, cfg.buffer_frames)
+    workers = make_workers(cfg, engine, data)
     run = Run(
         cfg=cfg,
-        comm=comm,
-        replicas=replicas,
-        averager=make_averager(cfg.averaging, comm, **averaging_options(cfg)),
+        engine=engine,
+        workers=workers,
         guard=DivergenceGuard(cfg.max_rollbacks, cfg.rollback_lr_factor),
         schedule=make_schedule(cfg),
-        log=MetricsLog(Path(cfg.out) / "metrics.jsonl", comm.is_main),
-        rounds=rounds_per_epoch(data.shard_frames, cfg.avg_every, cfg.minibatch),
-        accepted_model=copy.deepcopy(replicas[0].model.state_dict()),
-        timer=Timer(comm.device),
+        log=JsonlLog(Path(cfg.out) / "metrics.jsonl", comm.is_main),
+        rounds=data.rounds,
+        accepted_model=copy.deepcopy(workers[0].module.state_dict()),
+        class_counts=data.class_counts,
     )
-    if cfg.noise_scale and len(replicas[0].train) < NOISE_FRAMES:
-        raise UsageError(
-            f"--noise-scale: a worker's shard holds {len(replicas[0].train)} frames, fewer than "
-            f"the {NOISE_FRAMES} one estimate draws"
-        )
+    if cfg.noise_scale:
+        noise_scale_check(len(workers[0].table))
     if cfg.resume:
-        restore(run)
+        with comm.one_voice():
+            restore(run)
     else:
         write_run_header(run, data)
         cv0 = validate(run)
-        run.log.write({"kind": "epoch", "epoch": 0, **prefixed("cv", cv0), **noise_fields(run)})
+        run.log.write({"kind": "epoch", "epoch": 0, **prefixed("cv", cv0), **extras(run)})
         if cfg.schedule == "newbob":
             run.schedule = replace(run.schedule, best_loss=cv0["cross_entropy"])
-    run.averager.start(run.models)
+    averager.start(run.models)
     run.guard.remember(run.models)
     return run
 
 
 def start_epoch(run: Run) -> None:
-    run.timer.reset()
-    for r in run.replicas:
-        set_lr(r.optimizer, run.lr)
+    run.engine.timer.reset()
+    for w in run.workers:
+        set_lr(w.optimizer, run.lr)
         fresh = run.round == 0 and run.cfg.ng_reset == "epoch"
-        if fresh and hasattr(r.optimizer, "reset_preconditioners"):
-            r.optimizer.reset_preconditioners()  # the paper: a new process, new NG state, per epoch
+        if fresh and hasattr(w.optimizer, "reset_preconditioners"):
+            w.optimizer.reset_preconditioners()  # the paper: a new process, new NG state, per epoch
 
 
 def check_divergence(run: Run, round_: int) -> None:
@@ -162,19 +184,14 @@ def check_divergence(run: Run, round_: int) -> None:
     if run.guard.healthy(run.models):
         run.guard.remember(run.models)
         return
-    run.guard.roll_back(run.models, [r.optimizer for r in run.replicas], run.accepted_model)
-    run.averager.start(run.models)
-    for r in run.replicas:
-        set_lr(r.optimizer, run.lr)
-    run.log.write(
-        {
-            "kind": "rollback",
-            "epoch": run.epoch,
-            "round": round_,
-            "lr": run.lr,
-            "rollbacks": run.guard.rollbacks,
-        }
-    )
+    with run.comm.one_voice():  # the verdict is the same everywhere: one line if it gives up
+        run.guard.roll_back(run.models, [w.optimizer for w in run.workers], run.accepted_model)
+    run.engine.averager.start(run.models)
+    for w in run.workers:
+        set_lr(w.optimizer, run.lr)
+    rollbacks = run.guard.rollbacks
+    record = {"kind": "rollback", "epoch": run.epoch, "round": round_, "lr": run.lr}
+    run.log.write({**record, "rollbacks": rollbacks})
     if run.comm.is_main:
         print(
             f"epoch {run.epoch} round {round_}: NaN/Inf after averaging; rolled back to the last "
@@ -186,7 +203,7 @@ def check_divergence(run: Run, round_: int) -> None:
 def end_epoch(run: Run) -> bool:
     """Validate, let the schedule accept or reject the epoch, log, checkpoint. True: stop."""
     cfg, comm = run.cfg, run.comm
-    times = run.timer.totals()  # the epoch's training, before validation
+    times = run.engine.timer.totals()  # the epoch's training, before validation
     cv = validate(run)
     run.schedule, accepted, stop = run.schedule.after_epoch(cv["cross_entropy"])
     if accepted:
@@ -194,23 +211,28 @@ def end_epoch(run: Run) -> bool:
     else:  # Newbob rejection: every replica continues from the last accepted model
         for m in run.models:
             m.load_state_dict(run.accepted_model)
-        run.averager.start(run.models)
+        run.engine.averager.start(run.models)
         run.guard.remember(run.models)
     used = run.rounds * cfg.avg_every * cfg.minibatch
-    leftover = comm.sum_stats([torch.tensor(float(len(r.train) - used)) for r in run.replicas])
+    left = [torch.tensor(float(len(w.table) - used), device=comm.device) for w in run.workers]
+    record = {"kind": "epoch", "epoch": run.epoch, "accepted": accepted, "lr_next": run.schedule.lr}
     run.log.write(
         {
-            "kind": "epoch",
-            "epoch": run.epoch,
-            "accepted": accepted,
-            "lr_next": run.schedule.lr,
-            "leftover_frames": int(leftover),
+            **record,
+            "leftover_frames": int(comm.sum_stats(left)),
             **prefixed("cv", cv),
-            **noise_fields(run),
+            **extras(run),
             **times,
         }
     )
-    report_epoch(comm, run.epoch, cv, accepted, times)
+    if comm.is_main:
+        seconds = times["compute_s"] + times["averaging_s"]
+        print(
+            f"epoch {run.epoch}: cv loss {cv['cross_entropy']:.4f} "
+            f"acc {100 * cv['frame_accuracy']:.2f}% | {seconds:.1f} s, averaging "
+            f"{100 * times['averaging_share']:.1f}%" + ("" if accepted else " | rejected"),
+            flush=True,
+        )
     run.epoch, run.round = run.epoch + 1, 0
     save_checkpoint(run, 0)
     return stop
@@ -223,91 +245,51 @@ def finish(run: Run) -> dict:
     final = validate(run)
     if run.comm.is_main:
         out = Path(run.cfg.out)
-        save_model(out / "final.pt", run.models[0], extra={"cv": final})
+        save_model(out / "final.pt", run.models[0], {"cv": final, "class_counts": run.class_counts})
         atomic_write_bytes(json.dumps(final, indent=2).encode(), out / "final_cv.json")
+        print(
+            f"final: cv loss {final['cross_entropy']:.4f}, cv frame accuracy "
+            f"{100 * final['frame_accuracy']:.2f}% on {final['frames']} frames; "
+            f"model {out / 'final.pt'}",
+            flush=True,
+        )
     run.comm.barrier()
     return final
 
 
-def local_step(replica: Replica, idx: torch.Tensor, context: int) -> None:
-    """One minibatch of local SGD (or NG-SGD): no communication."""
-    x, y = replica.train.minibatch(idx, context)
-    logits = replica.model(x)
-    loss = F.cross_entropy(logits, y)
-    replica.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    replica.optimizer.step()
-    with torch.no_grad():
-        replica.stats += torch.stack(
-            [
-                loss.double() * len(y),
-                (logits.argmax(1) == y).sum().double(),
-                torch.tensor(float(len(y)), dtype=torch.float64, device=loss.device),
-            ]
-        )
-
-
-def epoch_batches(cfg: TrainConfig, replica: Replica, epoch: int, start_round: int):
-    order = epoch_order(replica.train.lengths, cfg.seed, epoch, replica.worker, cfg.buffer_frames)
-    device = replica.train.feats.device
-    for idx in minibatches(order, cfg.minibatch, skip=start_round * cfg.avg_every):
-        yield idx.to(device)
-
-
 def validate(run: Run) -> dict:
     """CV cross-entropy and frame accuracy over every worker's CV shard, summed across workers."""
-    stats = [frame_stats(r.model, r.cv, run.cfg.context) for r in run.replicas]
+    stats = [frame_stats(w.module, w.cv, run.cfg.context) for w in run.workers]
     return summary(run.comm.sum_stats(stats))
+
+
+def extras(run: Run) -> dict:
+    """Analyses logged beside every validation (the main process; training is unchanged)."""
+    if not (run.cfg.noise_scale and run.comm.is_main):
+        return {}
+    w = run.workers[0]
+    return noise_fields(w.module, w.optimizer, w.table, run.cfg.context, run.cfg.seed)
 
 
 # -- set-up ------------------------------------------------------------------------------------
 
 
-def make_replicas(cfg: TrainConfig, comm: Communicator, data: TrainingData) -> list[Replica]:
+def make_workers(cfg: TrainConfig, engine: Engine, data: TrainingData) -> list[DNNWorker]:
     """Identical initial models on every worker (same seed, then broadcast from process 0)."""
+    comm = engine.comm
     torch.manual_seed(cfg.seed)
     model = data.initial_model.to(comm.device)
-    with torch.no_grad():
-        flat = flatten(model)
-        comm.broadcast_(flat)
-        unflatten_(flat, model)
-    replicas = []
+    engine.broadcast(model)
+    workers = []
     for i, worker in enumerate(comm.worker_ids):
         m = copy.deepcopy(model)
         share_flat_storage_(m)  # averaging reduces the parameters in place
-        replicas.append(
-            Replica(
-                worker,
-                m,
-                build_optimizer(m, cfg, comm.num_workers),
-                data.train[i],
-                data.cv[i],
-                torch.zeros(3, dtype=torch.float64, device=comm.device),
-            )
+        optimizer = build_optimizer(m, cfg, comm.num_workers)
+        stats = torch.zeros(3, dtype=torch.float64, device=comm.device)
+        workers.append(
+            DNNWorker(worker, m, optimizer, data.train[i], data.cv[i], cfg.context, stats)
         )
-    return replicas
-
-
-def averaging_options(cfg: TrainConfig) -> dict:
-    if cfg.averaging == "bmuf":
-        return {"block_momentum": cfg.block_momentum, "block_lr": cfg.block_lr}
-    return {}
-
-
-def make_schedule(cfg: TrainConfig) -> Schedule:
-    if cfg.schedule == "exponential":
-        return SCHEDULES["exponential"](
-            lr0=cfg.lr, epochs=cfg.epochs, final_ratio=cfg.final_lr_ratio
-        )
-    if cfg.schedule == "newbob":
-        return SCHEDULES["newbob"](
-            lr=cfg.lr,
-            epochs=cfg.epochs,
-            start_halving=cfg.newbob_start,
-            end_halving=cfg.newbob_end,
-            halving_factor=cfg.halving_factor,
-        )
-    return SCHEDULES["constant"](lr=cfg.lr, epochs=cfg.epochs)
+    return workers
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -315,47 +297,39 @@ def make_schedule(cfg: TrainConfig) -> Schedule:
 
 def save_checkpoint(run: Run, round_: int) -> None:
     """Everything a bitwise-identical resume needs, written atomically; LATEST moves last."""
-    root = Path(run.cfg.out) / "checkpoints"
-    name = ckpt.checkpoint_name(run.epoch, round_)
-    shared = None
-    if run.comm.is_main:
-        shared = {
-            "epoch": run.epoch,
-            "round": round_,
-            "model": run.models[0].state_dict(),
-            "accepted_model": run.accepted_model,
-            "schedule": {"type": run.cfg.schedule, **asdict(run.schedule)},
-            "averager": run.averager.state_dict(),
-            "guard": run.guard.state_dict(),
-            "metrics_bytes": run.log.size(),
-        }
+    shared = {
+        "epoch": run.epoch,
+        "round": round_,
+        "model": run.models[0].state_dict(),
+        "accepted_model": run.accepted_model,
+        "schedule": {"type": run.cfg.schedule, **asdict(run.schedule)},
+        "averager": run.engine.averager.state_dict(),
+        "guard": run.guard.state_dict(),
+        "metrics_bytes": run.log.size(),
+    }
     workers = {
-        r.worker: {
-            "optimizer": r.optimizer.state_dict(),
-            "stats": r.stats,
+        w.worker: {
+            "optimizer": w.optimizer.state_dict(),
+            "stats": w.stats,
             "rng": torch.get_rng_state(),
         }
-        for r in run.replicas
+        for w in run.workers
     }
-    ckpt.save_files(root, name, shared, workers)
-    run.comm.barrier()
-    if run.comm.is_main:
-        ckpt.commit(root, name)
-    run.comm.barrier()
+    root = Path(run.cfg.out) / "checkpoints"
+    name = ckpt.checkpoint_name(run.epoch, round_)
+    ckpt.save(run.comm, root, name, shared, workers, run.cfg.keep_checkpoints)
 
 
 def restore(run: Run) -> None:
     """Load the newest complete checkpoint into ``run`` (models, optimisers, schedule, position)."""
-    ckpt_dir = ckpt.latest(Path(run.cfg.out) / "checkpoints")
-    if ckpt_dir is None:
-        raise UsageError(f"--resume: no checkpoint in {Path(run.cfg.out) / 'checkpoints'}")
-    shared, workers = ckpt.load_files(ckpt_dir, [r.worker for r in run.replicas], run.comm.device)
-    for r in run.replicas:
-        r.model.load_state_dict(shared["model"])
-        r.optimizer.load_state_dict(workers[r.worker]["optimizer"])
-        r.stats = workers[r.worker]["stats"]
-        torch.set_rng_state(workers[r.worker]["rng"])
-    run.averager.load_state_dict(shared["averager"])
+    root = Path(run.cfg.out) / "checkpoints"
+    shared, workers = ckpt.restore(root, [w.worker for w in run.workers], run.comm.device)
+    for w in run.workers:
+        w.module.load_state_dict(shared["model"])
+        w.optimizer.load_state_dict(workers[w.worker]["optimizer"])
+        w.stats = workers[w.worker]["stats"]
+        ckpt.set_rng_state(workers[w.worker]["rng"])
+    run.engine.averager.load_state_dict(shared["averager"])
     run.guard.load_state_dict(shared["guard"])
     state = dict(shared["schedule"])
     run.schedule = SCHEDULES[state.pop("type")](**state)
@@ -365,62 +339,6 @@ def restore(run: Run) -> None:
 
 
 # -- reporting ---------------------------------------------------------------------------------
-
-
-class Timer:
-    """Wall-clock seconds per phase; synchronises the GPU so the split is honest."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.seconds = {"compute": 0.0, "averaging": 0.0}
-        self._phase = ""
-        self._started = time.perf_counter()
-
-    def __call__(self, phase: str) -> Timer:
-        self._phase = phase
-        return self
-
-    def __enter__(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[self._phase] += time.perf_counter() - self._t0
-
-    def totals(self) -> dict:
-        total = sum(self.seconds.values())
-        return {
-            "compute_s": self.seconds["compute"],
-            "averaging_s": self.seconds["averaging"],
-            "averaging_share": self.seconds["averaging"] / total if total else 0.0,
-            # wall time since reset: compute, averaging and everything between (guard, logs)
-            "train_s": time.perf_counter() - self._started,
-        }
-
-
-class MetricsLog:
-    """metrics.jsonl, appended by the main process only."""
-
-    def __init__(self, path: Path, active: bool) -> None:
-        self.path, self.active = path, active
-
-    def write(self, record: dict) -> None:
-        if self.active:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as fh:
-                fh.write(json.dumps({"time": time.time(), **record}) + "\n")
-
-    def size(self) -> int:
-        return self.path.stat().st_size if self.active and self.path.exists() else 0
-
-    def truncate(self, size: int) -> None:
-        if self.active and self.path.exists():
-            with self.path.open("r+") as fh:
-                fh.truncate(size)
 
 
 def prefixed(prefix: str, stats: dict) -> dict:
@@ -433,75 +351,20 @@ def log_cv(run: Run, round_: int) -> None:
     frames = rounds_done * run.cfg.avg_every * run.cfg.minibatch
     cv = validate(run)
     record = {"kind": "cv", "epoch": run.epoch, "round": round_, "frames_per_worker": frames}
-    run.log.write({**record, **prefixed("cv", cv), **noise_fields(run)})
+    run.log.write({**record, **prefixed("cv", cv), **extras(run)})
 
 
-def noise_fields(run: Run) -> dict:
-    """With --noise-scale: the gradient noise scale of the first worker's model on its shard
-    (the main process only; the models are equal after averaging), and with NG-SGD, once its
-    estimates exist, the same in NG-SGD's metric (``noise_scale_ng``). Its own random draws,
-    so training is unchanged."""
-    if not (run.cfg.noise_scale and run.comm.is_main):
-        return {}
-    replica = run.replicas[0]
-    model = DNN(replica.model.spec).to(run.comm.device)  # a copy without the optimiser's hooks
-    model.load_state_dict(replica.model.state_dict())
-    metrics = {"": euclidean}
-    if isinstance(replica.optimizer, NGSGD) and replica.optimizer.estimates_ready:
-        metrics["_ng"] = natural_gradient_metric(model, replica.optimizer.preconditioners())
-    ests = estimate_noise_scales(model, replica.train, run.cfg.context, metrics, seed=run.cfg.seed)
-    fields = {}
-    for suffix, est in ests.items():
-        fields |= {f"noise_scale{suffix}": est.noise_scale, f"noise_stderr{suffix}": est.stderr}
-    return fields
-
-
-def log_round(run: Run, round_: int, bar: tqdm) -> None:
+def log_round(run: Run, round_: int, bar: Progress) -> None:
     """Reduce the training statistics since the last line and write them (all workers join)."""
-    train = summary(run.comm.sum_stats([r.stats for r in run.replicas]))
-    for r in run.replicas:
-        r.stats.zero_()
-    totals = run.timer.totals()
-    run.log.write(
-        {
-            "kind": "round",
-            "epoch": run.epoch,
-            "round": round_,
-            "lr": run.lr,
-            **prefixed("train", train),
-            **totals,
-        }
-    )
-    bar.set_postfix(
+    train = summary(run.engine.reduce_stats(run.workers))
+    totals = run.engine.timer.totals()
+    record = {"kind": "round", "epoch": run.epoch, "round": round_, "lr": run.lr}
+    run.log.write({**record, **prefixed("train", train), **totals})
+    bar.note(
         loss=f"{train['cross_entropy']:.3f}",
         acc=f"{train['frame_accuracy']:.3f}",
         avg=f"{100 * totals['averaging_share']:.1f}%",
     )
-
-
-def progress_bar(cfg, comm, epoch, rounds, start_round) -> tqdm:
-    frames_per_round = cfg.avg_every * cfg.minibatch * comm.num_workers
-    return tqdm(
-        total=rounds,
-        initial=start_round,
-        desc=f"epoch {epoch}/{cfg.epochs}",
-        unit="fr",
-        disable=not (cfg.progress and comm.is_main),
-        leave=False,
-        unit_scale=frames_per_round,
-        dynamic_ncols=True,
-    )
-
-
-def report_epoch(comm, epoch, cv, accepted, t: dict) -> None:
-    if comm.is_main:
-        print(
-            f"epoch {epoch}: cv loss {cv['cross_entropy']:.4f} "
-            f"acc {100 * cv['frame_accuracy']:.2f}%"
-            f" | {t['compute_s'] + t['averaging_s']:.1f} s, averaging "
-            f"{100 * t['averaging_share']:.1f}%" + ("" if accepted else " | rejected"),
-            flush=True,
-        )
 
 
 def write_run_header(run: Run, data: TrainingData) -> None:
@@ -509,9 +372,8 @@ def write_run_header(run: Run, data: TrainingData) -> None:
     if not comm.is_main:
         return
     run.log.truncate(0)  # a fresh start (e.g. restarted before its first checkpoint)
-    atomic_write_bytes(
-        yaml.safe_dump(cfg.resolved(), sort_keys=False).encode(), Path(cfg.out) / "config.yaml"
-    )
+    config = yaml.safe_dump(asdict(cfg), sort_keys=False).encode()
+    atomic_write_bytes(config, Path(cfg.out) / "config.yaml")
     run.log.write(
         {
             "kind": "start",

@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+from modelavg import launch
 from modelavg.averaging import ModelAverager
 from modelavg.averaging.base import flatten
 from modelavg.comm import InProcessCommunicator
+from modelavg.config import PretrainConfig
 from modelavg.data.kaldi import read_corpus
 from modelavg.errors import UsageError
 from modelavg.launch import free_port, local_rank_env
+from modelavg.nets.dbn import DBN, load_dbn
 from modelavg.nets.dnn import DNN, DNNSpec
-from modelavg.nets.rbm import DBN, load_dbn
-from modelavg.pretrain import PretrainConfig, check_out_dir, pretrain
+from modelavg.pretrain import pretrain
 
 LAYERS, HIDDEN, CONTEXT = 2, 16, 1
 SMALL = dict(
@@ -171,8 +173,11 @@ def test_two_processes_give_the_same_dbn_as_two_inprocess_workers(inprocess, dat
     script = (
         "import json, sys, torch\n"
         "from modelavg import launch\n"
-        "from modelavg.pretrain import PretrainConfig, run_pretraining\n"
-        "run_pretraining(PretrainConfig(**json.loads(sys.argv[1])), launch.detect())\n"
+        "from modelavg.config import PretrainConfig\n"
+        "from modelavg.pretrain import pretrain\n"
+        "cfg = PretrainConfig(**json.loads(sys.argv[1]))\n"
+        "code = launch.run_job(cfg, [], pretrain)\n"
+        "launch.end_process(code)\n"
     )
     port = free_port()
     procs = []
@@ -232,7 +237,7 @@ def test_dbn_file_carries_the_input_normalisation(inprocess, data_dir):
 
 
 def test_dbn_initialises_the_dnn_via_hidden_layers_from(inprocess, data_dir):
-    from modelavg.nets.pretrained import hidden_layers_from
+    from modelavg.nets.dbn import hidden_layers_from
 
     dbn, state = load_dbn(inprocess[0])
     spec = DNNSpec(
@@ -249,7 +254,7 @@ def test_dbn_initialises_the_dnn_via_hidden_layers_from(inprocess, data_dir):
 
 def test_dbn_layers_reproduce_the_up_pass_in_a_dnn(inprocess, data_dir):
     """What hidden_layers_from should build: DNN hidden activations = DBN.transform."""
-    from modelavg.nets.rbm import dbn_to_linear_layers
+    from modelavg.nets.dbn import dbn_to_linear_layers
 
     dbn, state = load_dbn(inprocess[0])
     spec = DNNSpec(
@@ -275,7 +280,7 @@ def assert_dnn_is_the_dbn_up_pass(model: DNN, dbn: DBN, data_dir: Path, state: d
 def test_refuses_a_used_out_dir_and_shards_too_small(inprocess, data_dir, tmp_path):
     used = PretrainConfig(data=str(data_dir), out=str(inprocess[0].parent))
     with pytest.raises(UsageError, match="already holds"):
-        check_out_dir(used)
+        launch.run_job(used, [], pretrain)
     with pytest.raises(UsageError, match="smallest shard"):
         pretrain(
             PretrainConfig(data=str(data_dir), out=str(tmp_path), **{**SMALL, "avg_every": 1000}),

@@ -13,8 +13,9 @@ from conftest import SMALL, make_data_dir
 from modelavg.checkpoint import load_files
 from modelavg.cli import main
 from modelavg.config import TrainConfig
+from modelavg.io import read_jsonl
 from modelavg.optim import build_optimizer
-from modelavg.sweep import learning_curve, read_jsonl
+from modelavg.sweep.results import learning_curve
 
 
 def train(*args: str) -> int:
@@ -44,10 +45,21 @@ def run3(data_dir, tmp_path_factory) -> Path:
             "3",
             "--checkpoint-every",
             "4",
+            "--keep-checkpoints",
+            "0",
         )
         == 0
     )
     return out
+
+
+def test_keep_checkpoints_prunes_all_but_the_newest(data_dir, tmp_path):
+    out = tmp_path / "pruned"
+    args = ["--epochs", "3", "--checkpoint-every", "4", "--keep-checkpoints", "2"]
+    assert train_two(data_dir, out, *args) == 0
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["e003-r00056", "e004-r00000"]  # 57 rounds per epoch: the last mid-epoch one
+    assert (out / "checkpoints" / "LATEST").read_text() == "e004-r00000"
 
 
 def test_outputs_and_learning(run3, data_dir, capsys):
@@ -107,7 +119,17 @@ def test_ngsgd_state_is_per_worker_checkpointed_and_resumes_identically(
 ):
     out = tmp_path / "ng"
     ng = ["--optimizer", "ngsgd", "--ng-rank-in", "4", "--ng-rank-out", "8", "--lr", "0.2"]
-    args = ["--epochs", "2", "--checkpoint-every", "4", "--ng-reset", ng_reset, *ng]
+    args = [
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--keep-checkpoints",
+        "0",
+        "--ng-reset",
+        ng_reset,
+        *ng,
+    ]
     assert train_two(data_dir, out, *args) == 0
     ckpt_dir = out / "checkpoints" / "e002-r00004"
     _, workers = load_files(ckpt_dir, [0, 1], torch.device("cpu"))
@@ -135,7 +157,18 @@ def test_max_change_scaling_loosens_the_cap_n_fold(data_dir, tmp_path):
 
 def test_cv_every_adds_curve_points_without_changing_training(run3, data_dir, tmp_path):
     out = tmp_path / "cv_every"
-    args = ["--epochs", "3", "--log-every", "3", "--checkpoint-every", "4", "--cv-every", "2"]
+    args = [
+        "--epochs",
+        "3",
+        "--log-every",
+        "3",
+        "--checkpoint-every",
+        "4",
+        "--keep-checkpoints",
+        "0",
+        "--cv-every",
+        "2",
+    ]
     assert train_two(data_dir, out, *args) == 0
     assert same_final_model(run3, out)
     start = records(out, "start")[0]

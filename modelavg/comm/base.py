@@ -16,8 +16,12 @@ Example::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+
+from modelavg.errors import Reported, UsageError
 
 
 class Communicator(ABC):
@@ -79,3 +83,23 @@ class Communicator(ABC):
         bufs = [t.clone() for t in per_worker]
         self.allreduce_sum_(bufs)
         return bufs[0]
+
+    @contextmanager
+    def one_voice(self) -> Iterator[None]:
+        """Around collective-free work that every process does alike (reading the same data):
+        a ``UsageError`` is printed by the lowest process that raised it; the others exit with
+        the same code silently, so one mistake is one line, not one per worker."""
+        error = None
+        try:
+            yield
+        except UsageError as exc:
+            error = exc
+        if self.num_processes > 1:
+            codes = torch.zeros(self.num_processes, dtype=torch.float64, device=self.device)
+            codes[self.process_rank] = error.exit_code if error else 0
+            self._allreduce_sum_(codes)
+            failed = [(rank, int(c)) for rank, c in enumerate(codes.tolist()) if c]
+            if failed and failed[0][0] != self.process_rank:
+                raise Reported(failed[0][1])
+        if error is not None:
+            raise error

@@ -11,12 +11,15 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from modelavg.comm.base import Communicator
+from modelavg.errors import WorkerLost
 
 
 def rendezvous_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -44,25 +47,44 @@ class TorchDistCommunicator(Communicator):
         self.process_rank = rank
         self.num_processes = world_size
         self.device = torch.device(device)
+        self.timeout_s = timeout_s
         if not dist.is_initialized():
             timeout = timedelta(seconds=timeout_s)
-            dist.init_process_group(
-                backend,
-                store=rendezvous_store(rank, world_size, timeout),
-                rank=rank,
-                world_size=world_size,
-                timeout=timeout,
-            )
+            with self._collective():
+                dist.init_process_group(
+                    backend,
+                    store=rendezvous_store(rank, world_size, timeout),
+                    rank=rank,
+                    world_size=world_size,
+                    timeout=timeout,
+                )
         self.backend = dist.get_backend()
 
+    @contextmanager
+    def _collective(self) -> Iterator[None]:
+        """A collective that fails (a peer's connection closed, or no answer within --timeout)
+        becomes one ``WorkerLost`` line; errors outside collectives keep their traceback."""
+        try:
+            yield
+        except (dist.DistError, RuntimeError) as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0][:200] if text else type(exc).__name__
+            raise WorkerLost(
+                f"worker rank {self.process_rank}: a collective failed, another worker died or "
+                f"hung past --timeout {self.timeout_s:g}s ({first})"
+            ) from None
+
     def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with self._collective():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
-        dist.broadcast(tensor, src=src)
+        with self._collective():
+            dist.broadcast(tensor, src=src)
 
     def barrier(self) -> None:
-        dist.barrier()
+        with self._collective():
+            dist.barrier()
 
     def close(self) -> None:
         if dist.is_initialized():

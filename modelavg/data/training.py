@@ -1,8 +1,8 @@
 """From data directories to what the workers train on: shards, CV shards, normalisation, model.
 
-Every process reads the data lists and computes the same partition; each keeps only its own
-workers' shards. The normalisation statistics are summed across all workers' shards, so every
-process (and every communicator) gets identical values.
+Every process reads the data lists and computes the same partition (``data.sharded``); each keeps
+only its own workers' shards. The normalisation statistics and the class counts (the priors a
+decoder divides by) are summed across all workers' shards.
 
 Example::
 
@@ -18,10 +18,11 @@ import torch
 
 from modelavg.comm.base import Communicator
 from modelavg.config import TrainConfig
-from modelavg.data.frames import FrameTable, mean_std, moment_sums
+from modelavg.data.frames import FrameTable
 from modelavg.data.kaldi import Corpus, read_corpus
-from modelavg.data.shards import partition, rounds_per_epoch
-from modelavg.errors import Infeasible, UsageError
+from modelavg.data.sharded import global_mean_std, shard_corpus
+from modelavg.data.shards import partition
+from modelavg.errors import UsageError
 from modelavg.nets.dnn import DNN, DNNSpec
 
 
@@ -30,9 +31,11 @@ class TrainingData:
     train: list[FrameTable]  # one per local worker
     cv: list[FrameTable]
     shard_frames: list[int]  # every worker's, in global worker order
+    rounds: int  # averaging rounds per epoch
     cv_frames: int
     num_classes: int
     initial_model: DNN
+    class_counts: torch.Tensor  # float64 (num_classes,): the training targets of all workers
 
 
 def split_cv(corpus: Corpus, fraction: float) -> tuple[Corpus, Corpus]:
@@ -65,44 +68,41 @@ def count_classes(cfg: TrainConfig, corpora: list[Corpus]) -> int:
 
 
 def load_training_data(cfg: TrainConfig, comm: Communicator) -> TrainingData:
-    if cfg.data is None and cfg.feats is None:
-        raise UsageError("--data is required")
-    corpus = read_corpus(cfg.data or ".", cfg.feats, cfg.targets, skip_bad_utts=cfg.skip_bad_utts)
-    if cfg.cv is not None or cfg.cv_feats is not None:
-        cv = read_corpus(
-            cfg.cv or ".", cfg.cv_feats, cfg.cv_targets, skip_bad_utts=cfg.skip_bad_utts
+    """Read, split and shard the data (a bad file is reported once), then the statistics."""
+    with comm.one_voice():  # no collectives inside: every process fails alike or not at all
+        corpus, cv = read_corpora(cfg)
+        num_classes = count_classes(cfg, [corpus, cv])
+        shards = shard_corpus(
+            corpus, comm.num_workers, comm.worker_ids, cfg.avg_every, cfg.minibatch
         )
-        if cv.dim != corpus.dim:
-            raise UsageError(
-                f"{cv.source}: feature dimension {cv.dim}, training data has {corpus.dim}"
-            )
-    else:
-        corpus, cv = split_cv(corpus, cfg.cv_fraction)
-    num_classes = count_classes(cfg, [corpus, cv])
-
-    n = comm.num_workers
-    shards = partition({u: len(m) for u, m in corpus.feats.items()}, n)
-    cv_shards = partition({u: len(m) for u, m in cv.feats.items()}, n, allow_empty=True)
-    shard_frames = [sum(len(corpus.feats[u]) for u in s) for s in shards]
-    if rounds_per_epoch(shard_frames, cfg.avg_every, cfg.minibatch) == 0:
-        raise Infeasible(
-            f"--avg-every {cfg.avg_every} x --minibatch {cfg.minibatch} frames exceeds the smallest"
-            " "
-            f"shard ({min(shard_frames)} frames with {n} workers): lower one of them or --workers"
-        )
-    train = [FrameTable.from_corpus(corpus, shards[w]) for w in comm.worker_ids]
-    cv_tables = [FrameTable.from_corpus(cv, cv_shards[w]) for w in comm.worker_ids]
-
-    model = initial_model(cfg, corpus.dim, num_classes)
-    model.normalize.set_stats(*normalisation(cfg, comm, train))
+        cv_shards = partition({u: len(m) for u, m in cv.feats.items()}, comm.num_workers, True)
+        cv_tables = [FrameTable.from_corpus(cv, cv_shards[w]) for w in comm.worker_ids]
+        model = initial_model(cfg, corpus.dim, num_classes)
+    model.normalize.set_stats(*normalisation(cfg, comm, shards.tables))
+    counts = [torch.bincount(t.targets, minlength=num_classes).double() for t in shards.tables]
     return TrainingData(
-        train=[t.to(comm.device) for t in train],
+        train=[t.to(comm.device) for t in shards.tables],
         cv=[t.to(comm.device) for t in cv_tables],
-        shard_frames=shard_frames,
+        shard_frames=shards.shard_frames,
+        rounds=shards.rounds,
         cv_frames=cv.num_frames(),
         num_classes=num_classes,
         initial_model=model,
+        class_counts=comm.sum_stats([c.to(comm.device) for c in counts]).cpu(),
     )
+
+
+def read_corpora(cfg: TrainConfig) -> tuple[Corpus, Corpus]:
+    """The training corpus and the CV corpus (``--cv``, or held out from ``--data``)."""
+    if cfg.data is None and cfg.feats is None:
+        raise UsageError("--data is required")
+    corpus = read_corpus(cfg.data or ".", cfg.feats, cfg.targets, skip_bad_utts=cfg.skip_bad_utts)
+    if cfg.cv is None and cfg.cv_feats is None:
+        return split_cv(corpus, cfg.cv_fraction)
+    cv = read_corpus(cfg.cv or ".", cfg.cv_feats, cfg.cv_targets, skip_bad_utts=cfg.skip_bad_utts)
+    if cv.dim != corpus.dim:
+        raise UsageError(f"{cv.source}: feature dimension {cv.dim}, training data has {corpus.dim}")
+    return corpus, cv
 
 
 def initial_model(cfg: TrainConfig, input_dim: int, num_classes: int) -> DNN:
@@ -118,7 +118,7 @@ def initial_model(cfg: TrainConfig, input_dim: int, num_classes: int) -> DNN:
     torch.manual_seed(cfg.seed)
     if cfg.init is None:
         return DNN(spec)
-    from modelavg.nets.pretrained import hidden_layers_from
+    from modelavg.nets.dbn import hidden_layers_from
 
     return hidden_layers_from(cfg.init, spec)
 
@@ -128,11 +128,10 @@ def normalisation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean/std of the spliced input: a DBN's own (``--init dbn.pt``), else the training data's."""
     if cfg.init is not None:
-        from modelavg.nets.pretrained import dbn_feature_stats
+        from modelavg.nets.dbn import dbn_feature_stats
 
         stats = dbn_feature_stats(cfg.init)
         if stats is not None:
             return stats
-    sums = comm.sum_stats([moment_sums(t).to(comm.device) for t in train]).cpu()
-    mean, std = mean_std(sums)
+    mean, std, _ = global_mean_std(comm, train)
     return mean.repeat(2 * cfg.context + 1), std.repeat(2 * cfg.context + 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 
 def exponential_lr(epoch: int, lr0: float, final_ratio: float, epochs: int) -> float:
@@ -94,3 +95,20 @@ class Newbob:
 
 Schedule = Constant | Exponential | Newbob
 SCHEDULES = {"constant": Constant, "exponential": Exponential, "newbob": Newbob}
+
+
+def make_schedule(cfg: Any) -> Schedule:
+    """The schedule a ``TrainConfig`` names, with its options."""
+    if cfg.schedule == "exponential":
+        return SCHEDULES["exponential"](
+            lr0=cfg.lr, epochs=cfg.epochs, final_ratio=cfg.final_lr_ratio
+        )
+    if cfg.schedule == "newbob":
+        return SCHEDULES["newbob"](
+            lr=cfg.lr,
+            epochs=cfg.epochs,
+            start_halving=cfg.newbob_start,
+            end_halving=cfg.newbob_end,
+            halving_factor=cfg.halving_factor,
+        )
+    return SCHEDULES["constant"](lr=cfg.lr, epochs=cfg.epochs)
