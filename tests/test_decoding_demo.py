@@ -160,8 +160,9 @@ def test_model_decode_writes_hypotheses_and_is_the_same_over_two_jobs(corpus, gr
 
 
 def test_old_model_files_take_priors_from_a_train_dir(corpus, graph_dir, tmp_path):
-    n = len(read_classes(corpus / "classes.txt", 10**9))
-    model = _model(tmp_path / "old.pt", n, None)
+    """Also a model trained without --num-classes: outputs only up to the largest train class."""
+    flat = np.concatenate(list(read_labels(corpus / "train").values()))
+    model = _model(tmp_path / "old.pt", int(flat.max()) + 1, None)
     with pytest.raises(UsageError, match="--priors-from"):
         decode_data_dir(model, corpus / "test", graph_dir, progress=False)
     assert not (tmp_path / f"decode_{graph_dir.name}_test").exists()
@@ -172,7 +173,8 @@ def test_old_model_files_take_priors_from_a_train_dir(corpus, graph_dir, tmp_pat
 
 
 def test_model_and_graph_senone_mismatch_is_refused(corpus, graph_dir, tmp_path):
-    model = _model(tmp_path / "small.pt", 7, np.ones(7))
+    n = len(read_classes(corpus / "classes.txt", 10**9)) + 5
+    model = _model(tmp_path / "big.pt", n, np.ones(n))
     with pytest.raises(UsageError, match="not the same senone set"):
         decode_data_dir(model, corpus / "test", graph_dir, progress=False)
     assert list(tmp_path.iterdir()) == [model]

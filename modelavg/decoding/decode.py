@@ -136,7 +136,7 @@ def model_scores(
 
     model = load_model(model_path)
     spec = model.spec
-    if spec.num_classes != len(graph.classes):
+    if spec.num_classes > len(graph.classes):  # fewer: the classes unseen in training
         raise UsageError(
             f"{model_path}: {spec.num_classes} outputs, graph {graph_dir} has "
             f"{len(graph.classes)} classes (classes.txt): not the same senone set"

@@ -46,17 +46,19 @@ def log_prior(counts: np.ndarray) -> np.ndarray:
 
 
 def backoff_sources(graph: Graph, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which column of [classes, phone states, phones, floor] scores each senone, and the
-    one-hot membership matrices of trained classes in phone states and phones."""
+    """Which column of [outputs, phone states, phones, floor] scores each senone, and the
+    one-hot membership matrices of trained outputs in phone states and phones. The network's
+    outputs are the first ``len(trained)`` classes of the graph's ``classes.txt``."""
     states = graph.senone_states
+    classes = graph.classes[: len(trained)]
     num_phones = int(states[:, 0].max()) + 1
-    cls_states = states[graph.classes]
+    cls_states = states[classes]
     ok = trained & (cls_states[:, 0] >= 0)
-    in_state = np.zeros((len(graph.classes), num_phones * 3))
+    in_state = np.zeros((len(classes), num_phones * 3))
     in_state[np.flatnonzero(ok), (cls_states[:, 0] * 3 + cls_states[:, 1])[ok]] = 1.0
-    in_phone = np.zeros((len(graph.classes), num_phones))
+    in_phone = np.zeros((len(classes), num_phones))
     in_phone[np.flatnonzero(ok), cls_states[ok, 0]] = 1.0
-    n_cls, n_st = len(graph.classes), num_phones * 3
+    n_cls, n_st = len(classes), num_phones * 3
     source = np.full(len(states), n_cls + n_st + num_phones, dtype=np.int64)  # the floor
     for s, (phone, state) in enumerate(states):
         if phone < 0:
@@ -66,7 +68,7 @@ def backoff_sources(graph: Graph, trained: np.ndarray) -> tuple[np.ndarray, np.n
         if in_state[:, phone * 3 + state].any():
             source[s] = n_cls + phone * 3 + state
     direct = np.flatnonzero(trained)
-    source[graph.classes[direct]] = direct
+    source[classes[direct]] = direct
     return source, in_state, in_phone
 
 
