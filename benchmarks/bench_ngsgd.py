@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelavg.optim.ngsgd import NGSGD
+from modelavg.optim import NGSGD
+from modelavg.optim.fisher import VARIANTS
 
 
 def build_dnn(inputs: int, hidden: int, layers: int, outputs: int, seed: int) -> nn.Sequential:
@@ -57,12 +58,12 @@ def measure(args: argparse.Namespace, threads: int) -> dict[str, float]:
     shape = (args.inputs, args.hidden, args.layers, args.outputs)
     sgd_model, ng_model = build_dnn(*shape, seed=0), build_dnn(*shape, seed=0)
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=args.lr)
-    ng = NGSGD(ng_model, lr=args.lr, update_period=args.update_period)
+    ng = NGSGD(ng_model, lr=args.lr, update_period=args.update_period, variant=args.variant)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.inputs, generator=g)
     y = torch.randint(0, args.outputs, (args.batch,), generator=g)
     steps = {"sgd": make_step(sgd_model, sgd, x, y), "ngsgd": make_step(ng_model, ng, x, y)}
-    for _ in range(args.warmup):  # NG updates its estimates on each of its first 10 calls
+    for _ in range(args.warmup):  # NG updates its estimates on each of its first 10-11 calls
         steps["sgd"]()
         steps["ngsgd"]()
     times: dict[str, list[tuple[float, float]]] = {"sgd": [], "ngsgd": []}
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--update-period", type=int, default=4)
+    p.add_argument(
+        "--variant", choices=VARIANTS, default="nnet2", help="Fisher estimate (docs/NGSGD.md)"
+    )
     p.add_argument("--steps", type=int, default=30, help="timed steps per optimiser")
     p.add_argument("--warmup", type=int, default=12)
     p.add_argument(

@@ -1,16 +1,18 @@
-"""NG-SGD: the online preconditioner against dense formulas, and the NGSGD optimiser."""
+"""NGSGD: hooks, the per-layer step against the dense formula, max-change, momentum,
+reductions, checkpoints, misuse and devices."""
 
 from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelavg.optim.ngsgd import NGSGD, OnlineNaturalGradient
+from modelavg.optim import NGSGD, build_optimizer
 
 F64 = torch.float64
 
@@ -24,134 +26,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _covariance_sampler(dim: int, top: list[float], seed: int = 0):
-    """Rows ~ N(0, Q diag(λ) Qᵀ) with λ = top + [1, 1, ...]; returns (sample(n, dtype), Q_top)."""
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=F64))
-    lam = torch.ones(dim, dtype=F64)
-    lam[: len(top)] = torch.tensor(top, dtype=F64)
-
-    def sample(n: int, dtype: torch.dtype = F64) -> torch.Tensor:
-        z = torch.randn(n, dim, generator=g, dtype=F64)
-        return ((z * lam.sqrt()) @ q.T).to(dtype)
-
-    return sample, q[:, : len(top)].T
-
-
-def _max_principal_angle(basis: torch.Tensor, target: torch.Tensor) -> float:
-    """Largest principal angle between span(target rows) and span(basis rows)."""
-    q, _ = torch.linalg.qr(basis.T)
-    cos = torch.linalg.svdvals(target @ q).clamp(max=1.0)
-    return float(torch.arccos(cos.min()))
-
-
-# ------------------------------------------------------------------------ OnlineNaturalGradient
-@pytest.mark.parametrize(("dtype", "tol"), [(F64, 1e-10), (torch.float32, 1e-5)], ids=str)
-def test_unscaled_output_is_beta_r_g_inverse(dtype: torch.dtype, tol: float) -> None:
-    sample, _ = _covariance_sampler(60, [50.0, 30.0, 20.0, 10.0, 5.0])
-    ong = OnlineNaturalGradient(60, 8, num_samples_history=200.0)
-    for _ in range(25):  # past the 10 initial updates, into the periodic ones
-        ong.precondition(sample(32, dtype))
-    g, beta = ong.smoothed_fisher(), ong.beta  # the state *before* the next call
-    x = sample(32, dtype)
-    p, gamma = ong.precondition_unscaled(x)
-    ref = beta * x.to(F64) @ torch.linalg.inv(g)
-    assert p.dtype == dtype
-    assert float((p.to(F64) - ref).norm() / ref.norm()) < tol
-    assert float(gamma) == pytest.approx(float(x.norm() / p.norm()), rel=1e-5)
-
-
-def test_smoothed_fisher_matches_definition() -> None:
-    """G = F + (α/D)·tr(F)·I with F = Xᵀ D X + ρ I."""
-    sample, _ = _covariance_sampler(30, [20.0, 8.0])
-    ong = OnlineNaturalGradient(30, 4, alpha=4.0)
-    for _ in range(5):
-        ong.precondition(sample(16))
-    x = ong.basis()
-    f = x.T @ torch.diag(ong.d) @ x + ong.rho * torch.eye(30, dtype=F64)
-    g = f + 4.0 / 30 * f.trace() * torch.eye(30, dtype=F64)
-    torch.testing.assert_close(ong.smoothed_fisher(), g, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(x @ x.T, torch.eye(4, dtype=F64), rtol=0, atol=1e-6)
-
-
-def test_subspace_converges_to_top_eigenvectors() -> None:
-    sample, top = _covariance_sampler(40, [12.0, 9.0, 7.0, 5.0], seed=1)
-    ong = OnlineNaturalGradient(40, 4, update_period=1, num_samples_history=500.0)
-    angles = []
-    for i in range(300):
-        ong.precondition(sample(8, torch.float32))
-        if i in (0, 30, 299):
-            angles.append(_max_principal_angle(ong.basis(), top))
-    assert angles[0] > 0.5  # 8 samples in 40 dimensions: a poor first estimate
-    assert angles[2] < angles[1] < angles[0]
-    assert angles[2] < 0.35
-    d = ong.d  # eigenvalues of F minus ρ: about λ - 1
-    torch.testing.assert_close(d, torch.tensor([11.0, 8.0, 6.0, 4.0], dtype=F64), rtol=0.35, atol=0)
-
-
-def test_gamma_preserves_frobenius_norm() -> None:
-    sample, _ = _covariance_sampler(50, [40.0, 10.0])
-    ong = OnlineNaturalGradient(50, 5)
-    for _ in range(15):
-        x = sample(20, torch.float32)
-        out = ong.precondition(x)
-        assert out.shape == x.shape and out.dtype == x.dtype
-        assert float(out.norm()) == pytest.approx(float(x.norm()), rel=1e-5)
-        assert float((out - x).norm()) > 1e-3 * float(x.norm())  # it did change direction
-    zero = torch.zeros(7, 50)
-    assert torch.equal(ong.precondition(zero), zero)  # γ = 1 when P = 0
-
-
-def test_update_schedule_and_rank_clamp() -> None:
-    ong = OnlineNaturalGradient(10, 50, update_period=4)
-    assert ong.rank == 9  # clamped to D - 1
-    calls_with_update = []
-    for i in range(20):
-        before = None if not ong.initialized else ong.state_dict()["w"]
-        ong.precondition(torch.randn(6, 10))
-        after = ong.state_dict()["w"]
-        if before is not None and not torch.equal(before, after):
-            calls_with_update.append(i)
-    assert calls_with_update == [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16]
-    assert ong.num_calls == 20
-
-
-def test_fewer_rows_than_rank_and_identity_cases() -> None:
-    ong = OnlineNaturalGradient(30, 10)
-    out = ong.precondition(torch.randn(3, 30))  # N < R: orthonormal completion at init
-    assert torch.isfinite(out).all()
-    x = ong.basis()
-    torch.testing.assert_close(x @ x.T, torch.eye(10, dtype=F64), rtol=0, atol=1e-6)
-    for _ in range(12):
-        assert torch.isfinite(ong.precondition(torch.randn(3, 30))).all()
-    one = OnlineNaturalGradient(1, 5)  # D = 1: rank 0, the identity
-    v = torch.randn(4, 1)
-    assert one.rank == 0 and torch.equal(one.precondition(v), v)
-    with pytest.raises(ValueError, match="N x 30"):
-        ong.precondition(torch.randn(3, 29))
-
-
-def test_state_dict_restores_bitwise_and_reset_reinitialises() -> None:
-    sample, _ = _covariance_sampler(40, [30.0, 10.0])
-    data = [sample(16, torch.float32) for _ in range(25)]
-    ong = OnlineNaturalGradient(40, 6)
-    for x in data[:12]:
-        ong.precondition(x)
-    saved = copy.deepcopy(ong.state_dict())
-    first = [ong.precondition(x) for x in data[12:]]
-    restored = OnlineNaturalGradient(40, 6)
-    restored.load_state_dict(saved)
-    second = [restored.precondition(x) for x in data[12:]]
-    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    restored.reset()
-    assert not restored.initialized and restored.num_calls == 0
-    fresh = OnlineNaturalGradient(40, 6)
-    assert torch.equal(restored.precondition(data[0]), fresh.precondition(data[0]))
-    with pytest.raises(ValueError, match="rank"):
-        OnlineNaturalGradient(40, 5).load_state_dict(saved)
-
-
-# ------------------------------------------------------------------------ NGSGD
 def _mlp(seed: int = 0, dims: tuple[int, ...] = (12, 32, 32, 5)) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
@@ -440,26 +314,23 @@ def test_cuda_steps_match_cpu() -> None:
     )
 
 
-def test_metric_sqrt_squares_to_the_preconditioner_and_gamma_is_as_expected() -> None:
-    """(β G⁻¹)^½ twice is the map P = β R G⁻¹ (read-only); rows drawn from the estimated
-    Fisher F get the γ that expected_gamma predicts."""
-    sample, _ = _covariance_sampler(60, [50.0, 30.0, 20.0, 10.0, 5.0])
-    ong = OnlineNaturalGradient(60, 8, num_samples_history=200.0)
-    for _ in range(25):
-        ong.precondition(sample(32))
-    frozen = copy.deepcopy(ong)
-    x = sample(32)
-    twice = ong.metric_sqrt(ong.metric_sqrt(x))
-    p, _ = ong.precondition_unscaled(x)
-    torch.testing.assert_close(twice, p, rtol=1e-10, atol=1e-10)
-
-    basis = frozen.basis()
-    f = basis.T @ torch.diag(frozen.d) @ basis + frozen.rho * torch.eye(60, dtype=F64)
-    g = torch.Generator().manual_seed(3)
-    rows = torch.randn(20000, 60, generator=g, dtype=F64) @ torch.linalg.cholesky(f).T
-    expected = frozen.expected_gamma()
-    assert float(frozen.precondition_parts(rows).gamma) == pytest.approx(expected, rel=0.02)
-    assert expected > 1.0  # P shrinks the rows it preconditions
-
-    identity = OnlineNaturalGradient(5, 0)
-    assert torch.equal(identity.metric_sqrt(x[:, :5]), x[:, :5]) and identity.expected_gamma() == 1
+@pytest.mark.parametrize("variant", ["nnet2", "nnet3"])
+def test_build_optimizer_passes_the_variant(variant: str) -> None:
+    cfg = SimpleNamespace(
+        optimizer="ngsgd", lr=1.0, ng_rank_in=4, ng_rank_out=8, ng_update_period=4,
+        ng_samples_history=2000.0, ng_alpha=4.0, max_change=0.075, max_change_scaling="none",
+        momentum=0.0, ng_variant=variant,
+    )  # fmt: skip
+    model = _mlp(seed=1)
+    opt = build_optimizer(model, cfg, workers=2)
+    assert isinstance(opt, NGSGD)
+    assert {p.variant for pair in opt.preconditioners().values() for p in pair} == {variant}
+    x, y = _data(2048, seed=3)
+    with torch.no_grad():
+        start = float(F.cross_entropy(model(x), y))
+    for i in range(0, 2048, 64):
+        _train_step(model, opt, x[i : i + 64], y[i : i + 64])
+    with torch.no_grad():
+        assert float(F.cross_entropy(model(x), y)) < 0.8 * start
+    with pytest.raises(ValueError, match="variant"):
+        NGSGD(model, lr=0.1, variant="nnet1")

@@ -24,7 +24,7 @@ from modelavg.cli import main
 from modelavg.data.frames import FrameTable
 from modelavg.data.kaldi import read_corpus
 from modelavg.nets.dnn import DNN, DNNSpec, save_model
-from modelavg.optim.ngsgd import NGSGD
+from modelavg.optim import NGSGD
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,7 @@ from torch import nn
 
 from modelavg.data.frames import FrameTable
 from modelavg.errors import UsageError
+from modelavg.optim import NGSGD
 
 SMALL_BATCH, BATCHES, REPEATS = 256, 16, 8  # 8 gradients of 4096 frames, each from 16 of 256
 NOISE_FRAMES = SMALL_BATCH * BATCHES  # the fewest frames an estimate can draw from
@@ -173,8 +174,6 @@ def warmed_natural_gradient_metric(
     """NG-SGD's metric at ``model`` where no optimiser state was saved (a model file): Fisher
     estimates of the trainer's default ranks, warmed on ``steps`` random minibatches of
     ``table`` by NG-SGD steps of lr 0, which update the estimates and leave the weights."""
-    from modelavg.optim.ngsgd import NGSGD
-
     if steps < 1:
         raise UsageError(f"noise scale: --ng-warmup must be >= 1, got {steps}")
     work = copy.deepcopy(model)

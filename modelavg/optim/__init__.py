@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-OPTIMIZERS = ("sgd", "ngsgd")
+from modelavg.optim.fisher import OnlineNaturalGradient
+from modelavg.optim.ngsgd import NGSGD
+
+__all__ = ["NGSGD", "OnlineNaturalGradient", "build_optimizer", "set_lr"]
 
 
 def build_optimizer(model: nn.Module, cfg, workers: int) -> torch.optim.Optimizer:
@@ -14,8 +17,6 @@ def build_optimizer(model: nn.Module, cfg, workers: int) -> torch.optim.Optimize
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer == "ngsgd":
-        from modelavg.optim.ngsgd import NGSGD
-
         return NGSGD(
             model,
             lr=cfg.lr,
@@ -26,6 +27,7 @@ def build_optimizer(model: nn.Module, cfg, workers: int) -> torch.optim.Optimize
             alpha=cfg.ng_alpha,
             max_change=cfg.max_change * (workers if cfg.max_change_scaling == "linear" else 1),
             momentum=cfg.momentum,
+            variant=cfg.ng_variant,
         )
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
