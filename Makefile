@@ -19,10 +19,14 @@ APT_PACKAGES := openmpi-bin libopenmpi-dev asterisk-core-sounds-en-wav asterisk-
 setup: apt $(STAMP)
 	@echo "modelavg is installed in $(VENV); for later commands: . $(BIN)/activate"
 
-# Debian packages, installed only when missing; python3-venv only where `python3 -m venv` lacks it.
+# Debian packages, installed only when missing, with what `python3 -m venv` and a package built
+# from source need (python3-venv, python3-dev, gcc) where this Python or machine lacks it.
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done; \
-		$(PYTHON) -c 'import ensurepip' 2>/dev/null || echo python3-venv); \
+		$(PYTHON) -c 'import ensurepip' 2>/dev/null || echo python3-venv; \
+		include=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("include"))'); \
+		[ -e "$$include/Python.h" ] || echo python3-dev; \
+		command -v gcc >/dev/null || echo gcc); \
 	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

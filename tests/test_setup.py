@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 import modelavg
-from modelavg.cli import help_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
@@ -57,7 +56,9 @@ def test_version_is_the_package_metadata():
     assert modelavg.__version__ == importlib.metadata.version("modelavg") == PROJECT["version"]
 
 
-@pytest.mark.skipif("--version" not in help_markdown(), reason="cli has no --version yet")
+@pytest.mark.skipif(
+    "--version" not in (ROOT / "modelavg" / "cli.py").read_text(), reason="cli has no --version yet"
+)
 def test_version_flag():
     r = subprocess.run(
         [sys.executable, "-m", "modelavg", "--version"], capture_output=True, text=True, check=True
