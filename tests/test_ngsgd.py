@@ -296,12 +296,13 @@ def test_inplace_activation_and_sequence_inputs() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_steps_match_cpu() -> None:
+@pytest.mark.parametrize("variant", ["nnet2", "nnet3"])
+def test_cuda_steps_match_cpu(variant: str) -> None:
     """The same steps on CUDA as on the CPU, up to float32 rounding."""
     cpu = _mlp(seed=2)
     gpu = copy.deepcopy(cpu).cuda()
-    opt_cpu = NGSGD(cpu, lr=0.5, rank_in=4, rank_out=8, momentum=0.5)
-    opt_gpu = NGSGD(gpu, lr=0.5, rank_in=4, rank_out=8, momentum=0.5)
+    opt_cpu = NGSGD(cpu, lr=0.5, rank_in=4, rank_out=8, momentum=0.5, variant=variant)
+    opt_gpu = NGSGD(gpu, lr=0.5, rank_in=4, rank_out=8, momentum=0.5, variant=variant)
     for seed in range(12):
         x, y = _data(64, seed)
         _train_step(cpu, opt_cpu, x, y)
