@@ -73,12 +73,19 @@ def save(comm: Communicator, root: Path, name: str, shared: dict | None, workers
     comm.barrier()
 
 
-def restore(root: Path, workers: list[int], device: torch.device) -> tuple[dict, dict]:
-    """The newest complete checkpoint under ``root``: shared state and these workers' states."""
+def restore(root: Path, comm: Communicator) -> tuple[dict, dict]:
+    """The newest complete checkpoint under ``root``: shared state and this process's workers'
+    states; it must have been written by as many workers as this job has."""
     ckpt_dir = latest(root)
     if ckpt_dir is None:
         raise UsageError(f"--resume: no checkpoint in {root}")
-    return load_files(ckpt_dir, workers, device)
+    shared = load(ckpt_dir / "shared.pt", comm.device)
+    if shared["workers"] != comm.num_workers:
+        raise UsageError(
+            f"{ckpt_dir}: written by {shared['workers']} workers, this job has "
+            f"{comm.num_workers}: resume with --workers {shared['workers']}"
+        )
+    return shared, {w: load(worker_file(ckpt_dir, w), comm.device) for w in comm.worker_ids}
 
 
 def set_rng_state(state: torch.Tensor) -> None:
@@ -95,17 +102,11 @@ def latest(root: Path) -> Path | None:
     return ckpt_dir if (ckpt_dir / "shared.pt").exists() else None
 
 
-def load_files(ckpt_dir: Path, workers: list[int], device: torch.device) -> tuple[dict, dict]:
-    """The shared state and this process's workers' states of a checkpoint."""
-
-    def load(path: Path) -> dict:
-        try:
-            return torch.load(path, map_location=device, weights_only=False)
-        except FileNotFoundError:
-            raise UsageError(
-                f"{path}: missing; was the checkpoint written with a different number of workers?"
-            ) from None
-        except Exception as exc:
-            raise UsageError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
-
-    return load(ckpt_dir / "shared.pt"), {w: load(worker_file(ckpt_dir, w)) for w in workers}
+def load(path: Path, device: torch.device) -> dict:
+    """One checkpoint file, onto ``device``; a missing or unreadable one is a one-line error."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing from the checkpoint") from None
+    except Exception as exc:
+        raise UsageError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None

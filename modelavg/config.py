@@ -160,7 +160,10 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
     ng_rank_in: int = opt(20, "NG-SGD rank of the input-side Fisher factor", group="ngsgd")
     ng_rank_out: int = opt(80, "NG-SGD rank of the output-side Fisher factor", group="ngsgd")
     ng_update_period: int = opt(
-        4, "NG-SGD: update the Fisher estimate every N minibatches", group="ngsgd", low=1
+        4,
+        "NG-SGD: after the first 10 updates, update the Fisher estimate every N minibatches",
+        group="ngsgd",
+        low=1,
     )
     ng_samples_history: float = opt(
         2000.0, "NG-SGD: frames of history in the estimate", group="ngsgd"
@@ -168,7 +171,8 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
     ng_alpha: float = opt(4.0, "NG-SGD: identity smoothing of the Fisher estimate", group="ngsgd")
     ng_variant: str = opt(
         "nnet2",
-        "NG-SGD arithmetic: Kaldi nnet2's online preconditioner (2014, the paper's) or nnet3's",
+        "NG-SGD Fisher estimate: Kaldi nnet2's OnlinePreconditioner as of 2014 (the paper's) "
+        "or nnet3's OnlineNaturalGradient (docs/NGSGD.md)",
         ("nnet2", "nnet3"),
         "ngsgd",
     )
@@ -297,4 +301,3 @@ def describe_limits(low: float | None, high: float | None, open_low: bool, open_
     if low is None:
         return f"{'<' if open_high else '<='} {high:g}"
     return f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-

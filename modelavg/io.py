@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,6 +26,7 @@ import torch
 
 from modelavg.errors import UsageError
 
+CONFIG = "config.yaml"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -73,6 +75,13 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
     plt.close(fig)
     return Path(path)
+
+
+def write_config(cfg: Any, out: str | os.PathLike) -> None:
+    """``out/config.yaml``: every option of the run, so ``--resume`` can reuse them."""
+    import yaml
+
+    atomic_write_bytes(yaml.safe_dump(asdict(cfg), sort_keys=False).encode(), Path(out) / CONFIG)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

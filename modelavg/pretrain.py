@@ -341,6 +341,7 @@ def save_checkpoint(run: Run, workers: list[RBMWorker]) -> None:
     """The finished layers, the position, and (inside a layer) its RBM and every worker's CD-1
     state; at a layer boundary (no workers) the next layer's start is recomputed on resume."""
     shared = {
+        "workers": run.comm.num_workers,
         "layer": run.layer,
         "epoch": run.epoch,
         "round": run.round,
@@ -360,7 +361,7 @@ def save_checkpoint(run: Run, workers: list[RBMWorker]) -> None:
 def restore(run: Run) -> None:
     """Continue from the newest checkpoint: the finished layers, the position, the log."""
     root = Path(run.cfg.out) / "checkpoints"
-    shared, states = ckpt.restore(root, run.comm.worker_ids, run.comm.device)
+    shared, states = ckpt.restore(root, run.comm)
     for plan, state in zip(run.plans, shared["stack"], strict=False):
         rbm = RBM(plan.visible_dim, plan.hidden_dim, plan.visible_type).to(run.comm.device)
         rbm.load_state_dict(state)

@@ -22,7 +22,7 @@ import torch
 
 from modelavg.comm.base import Communicator
 from modelavg.config import PretrainConfig
-from modelavg.io import JsonlLog, atomic_write_bytes, read_jsonl, save_figure
+from modelavg.io import JsonlLog, atomic_write_bytes, read_jsonl, save_figure, write_config
 from modelavg.nets.dbn import LayerPlan
 from modelavg.nets.rbm import StepResult
 
@@ -93,6 +93,7 @@ class PretrainLog(JsonlLog):
         if not self.active:
             return
         atomic_write_bytes((json.dumps(record) + "\n").encode(), self.path)  # a fresh file
+        write_config(cfg, self.out)
         skipped = (
             f"; {skipped_long} utterances over --max-utt-frames skipped" if skipped_long else ""
         )

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from modelavg import checkpoint as ckpt
 from modelavg.analysis.live import noise_fields, noise_scale_check
@@ -32,7 +31,7 @@ from modelavg.data.training import TrainingData, load_training_data
 from modelavg.engine import Engine, Progress
 from modelavg.evaluate import frame_stats, summary
 from modelavg.guard import DivergenceGuard
-from modelavg.io import JsonlLog, atomic_write_bytes
+from modelavg.io import JsonlLog, atomic_write_bytes, write_config
 from modelavg.nets.dnn import DNN, save_model
 from modelavg.optim import build_optimizer, set_lr
 from modelavg.optim.schedules import SCHEDULES, Schedule, make_schedule
@@ -298,6 +297,7 @@ def make_workers(cfg: TrainConfig, engine: Engine, data: TrainingData) -> list[D
 def save_checkpoint(run: Run, round_: int) -> None:
     """Everything a bitwise-identical resume needs, written atomically; LATEST moves last."""
     shared = {
+        "workers": run.comm.num_workers,
         "epoch": run.epoch,
         "round": round_,
         "model": run.models[0].state_dict(),
@@ -323,7 +323,7 @@ def save_checkpoint(run: Run, round_: int) -> None:
 def restore(run: Run) -> None:
     """Load the newest complete checkpoint into ``run`` (models, optimisers, schedule, position)."""
     root = Path(run.cfg.out) / "checkpoints"
-    shared, workers = ckpt.restore(root, [w.worker for w in run.workers], run.comm.device)
+    shared, workers = ckpt.restore(root, run.comm)
     for w in run.workers:
         w.module.load_state_dict(shared["model"])
         w.optimizer.load_state_dict(workers[w.worker]["optimizer"])
@@ -372,8 +372,7 @@ def write_run_header(run: Run, data: TrainingData) -> None:
     if not comm.is_main:
         return
     run.log.truncate(0)  # a fresh start (e.g. restarted before its first checkpoint)
-    config = yaml.safe_dump(asdict(cfg), sort_keys=False).encode()
-    atomic_write_bytes(config, Path(cfg.out) / "config.yaml")
+    write_config(cfg, cfg.out)
     run.log.write(
         {
             "kind": "start",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SMALL, make_data_dir
 
-from modelavg.checkpoint import load_files
+from modelavg.checkpoint import load, worker_file
 from modelavg.cli import main
 from modelavg.config import TrainConfig
 from modelavg.io import read_jsonl
@@ -132,8 +132,8 @@ def test_ngsgd_state_is_per_worker_checkpointed_and_resumes_identically(
     ]
     assert train_two(data_dir, out, *args) == 0
     ckpt_dir = out / "checkpoints" / "e002-r00004"
-    _, workers = load_files(ckpt_dir, [0, 1], torch.device("cpu"))
-    states = [w["optimizer"]["ngsgd"] for w in workers.values()]
+    workers = [load(worker_file(ckpt_dir, w), torch.device("cpu")) for w in (0, 1)]
+    states = [w["optimizer"]["ngsgd"] for w in workers]
     assert states[0].keys() == states[1].keys() and states[0]
     # never averaged: each worker's Fisher estimate comes from its own shard
     assert all(not torch.equal(states[0][k]["in"]["w"], states[1][k]["in"]["w"]) for k in states[0])

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """0 when every cell finished (or could not fit its data: infeasible), else 1.
 
     The runner is imported here: building the CLI parser imports this package, and the runner
