@@ -43,7 +43,7 @@ from pathlib import Path
 import kaldifst
 import numpy as np
 
-from modelavg.decoding.lexicon import SIL, Lexicon, aligner_dictionary, split_phone
+from modelavg.decoding.lexicon import Lexicon, aligner_dictionary, split_phone
 from modelavg.decoding.mdef import (
     WPOS_SINGLE,
     Mdef,
@@ -264,40 +264,38 @@ def _make_h(
 ) -> tuple[kaldifst.StdVectorFst, int]:
     """H: senone sequences -> CLG's input labels. One shared 3-state chain per distinct HMM;
     returns H and how many triphones had no exact model (pocketsphinx's back-off chose one)."""
-    base = [SIL if p == "<eps>" else split_phone(p)[0] for p in phones]
-    wpos = [split_phone(p)[1] for p in phones]
-    sil = mdef.sil
     ci = {name: i for i, name in enumerate(mdef.ciphones)}
-    lines: list[str] = []
-    chain: dict[int, int] = {}  # phone id -> its first state
-    backed_off = 0
-    for k, window in enumerate(ilabels):
-        if len(window) == 1:  # a disambiguation symbol: nothing to emit
-            lines.append(f"0 0 0 {k}")
-            continue
-        if len(window) != 3:
-            continue  # epsilon (k = 0)
-        left, centre, right = window
-        b = ci[base[centre]]
-        pos = wpos[centre] if wpos[centre] is not None else WPOS_SINGLE
-        lc = ci[base[left]] if left else sil
-        rc = ci[base[right]] if right else sil
-        pid = mdef.phone_id_nearest(b, lc, rc, pos)
-        backed_off += pid != mdef.phone_id(b, lc, rc, pos) and not mdef.filler[b]
-        if pid not in chain:
-            chain[pid] = first = 1 + 3 * len(chain)
-            s = [x + 1 for x in mdef.senones(pid)]
-            a = tmats[mdef.tmat_of(pid)]
-            for j in range(3):
-                stay, leave = (-SELF_LOOP_SCALE * np.log(v) for v in (a[j, j], 1 - a[j, j]))
-                nxt = first + j + 1 if j < 2 else 0
-                lines.append(f"{first + j} {first + j} {s[j]} 0 {stay}")
-                lines.append(f"{first + j} {nxt} {s[j + 1] if j < 2 else 0} 0 {leave}")
-        lines.append(f"0 {chain[pid]} {mdef.senones(pid)[0] + 1} {k}")
+    base_of = np.full(len(phones), mdef.sil)  # <eps> (the utterance edge) reads as SIL
+    wpos_of = np.full(len(phones), WPOS_SINGLE)  # silence has no word position
+    for i, phone in enumerate(phones):
+        name, wpos = split_phone(phone)
+        base_of[i] = ci.get(name, mdef.sil)
+        wpos_of[i] = WPOS_SINGLE if wpos is None else wpos
+    tri = np.array([(k, *w) for k, w in enumerate(ilabels) if len(w) == 3], dtype=np.int64)
+    k, left, centre, right = tri.T
+    b, pos = base_of[centre], wpos_of[centre]
+    lc = np.where(left > 0, base_of[left], mdef.sil)
+    rc = np.where(right > 0, base_of[right], mdef.sil)
+    pid = mdef.phone_id_nearest(b, lc, rc, pos)
+    backed_off = int(((pid != mdef.phone_id(b, lc, rc, pos)) & ~mdef.filler[b]).sum())
+    hmms, chain = np.unique(pid, return_inverse=True)
+    first = 1 + 3 * np.arange(len(hmms))
+    senones = mdef.senones(hmms) + 1  # input labels: senone id + 1
+    loops = tmats[mdef.tmat_of(hmms)][:, [0, 1, 2], [0, 1, 2]]  # (hmms, 3) self-loop probs
+    stay, leave = -SELF_LOOP_SCALE * np.log(loops), -SELF_LOOP_SCALE * np.log(1.0 - loops)
+    lines = [f"0 0 0 {x}" for x, w in enumerate(ilabels) if len(w) == 1]  # disambiguation
+    lines += [f"0 {f} {s} {x}" for f, s, x in zip(first[chain], senones[chain, 0], k, strict=True)]
+    for j in range(3):
+        here = first + j
+        nxt, into = (here + 1, senones[:, j + 1]) if j < 2 else (0 * here, 0 * here)
+        loop_arcs = zip(here, senones[:, j], stay[:, j], strict=True)
+        out_arcs = zip(here, nxt, into, leave[:, j], strict=True)
+        lines += [f"{q} {q} {s} 0 {w}" for q, s, w in loop_arcs]
+        lines += [f"{q} {n} {s} 0 {w}" for q, n, s, w in out_arcs]
     lines.append("0")
     H = kaldifst.compile("\n".join(lines) + "\n")
     kaldifst.arcsort(H, sort_type="olabel")
-    return H, int(backed_off)
+    return H, backed_off
 
 
 def read_classes(path: Path, num_senones: int) -> np.ndarray:

@@ -16,7 +16,7 @@ Example::
 
     mdef = Mdef.read(default_model_dir() / "mdef")
     pid = mdef.phone_id_nearest(mdef.ci("AH"), mdef.ci("K"), mdef.ci("T"), WPOS_BEGIN)
-    mdef.senones(pid), mdef.tmat_of(pid)
+    mdef.senones(pid), mdef.tmat_of(pid)  # (3,) senone ids, transition matrix id
 """
 
 from __future__ import annotations
@@ -121,35 +121,39 @@ class Mdef:
         except ValueError:
             raise UsageError(f"phone {name} is not in the acoustic model") from None
 
-    def phone_id(self, base: int, left: int, right: int, wpos: int) -> int:
-        """The triphone's phone id, or -1 if the model has none (filler contexts read as SIL)."""
-        left = self.sil if self.filler[left] else left
-        right = self.sil if self.filler[right] else right
-        return int(self._table[_key(self.num_ci, wpos, base, left, right)])
+    def phone_id(self, base, left, right, wpos) -> np.ndarray:
+        """The triphones' phone ids, -1 where the model has none (filler contexts read as SIL).
+        Arguments are integers or arrays of CI phone ids and word positions."""
+        left = np.where(self.filler[left], self.sil, left)
+        right = np.where(self.filler[right], self.sil, right)
+        return self._table[_key(self.num_ci, wpos, base, left, right)]
 
-    def phone_id_nearest(self, base: int, left: int, right: int, wpos: int) -> int:
-        """pocketsphinx's ``bin_mdef_phone_id_nearest``: the triphone, else the nearest one."""
-        others = [p for p in range(NUM_WPOS) if p != wpos]
-        for p in [wpos, *others]:
-            pid = self.phone_id(base, left, right, p)
-            if pid >= 0:
-                return pid
-        at_start, at_end = wpos in (WPOS_BEGIN, WPOS_SINGLE), wpos in (WPOS_END, WPOS_SINGLE)
-        new_left = self.sil if self.filler[left] or at_start else left
-        new_right = self.sil if self.filler[right] or at_end else right
-        if (new_left, new_right) != (left, right):
-            for p in [wpos, *others]:
-                pid = self.phone_id(base, new_left, new_right, p)
-                if pid >= 0:
-                    return pid
-        return base
+    def phone_id_nearest(self, base, left, right, wpos) -> np.ndarray:
+        """pocketsphinx's ``bin_mdef_phone_id_nearest``, vectorised: the triphone, else the same
+        contexts at another word position (in ascending order), else SIL as the context at word
+        edges and for fillers, at each position, else the CI phone."""
+        base, left, right, wpos = np.broadcast_arrays(
+            *(np.asarray(a) for a in (base, left, right, wpos))
+        )
+        at_start = (wpos == WPOS_BEGIN) | (wpos == WPOS_SINGLE)
+        at_end = (wpos == WPOS_END) | (wpos == WPOS_SINGLE)
+        new_left = np.where(self.filler[left] | at_start, self.sil, left)
+        new_right = np.where(self.filler[right] | at_end, self.sil, right)
+        retry = (new_left != left) | (new_right != right)
+        pid = np.full(base.shape, -1, dtype=np.int64)
+        for lc, rc, allowed in ((left, right, True), (new_left, new_right, retry)):
+            for k in range(NUM_WPOS + 1):  # the given position first, then the others
+                pos = wpos if k == 0 else np.full_like(wpos, k - 1)
+                todo = (pid < 0) & allowed & ((k == 0) | (pos != wpos))
+                pid = np.where(todo, self.phone_id(base, lc, rc, pos), pid)
+        return np.where(pid < 0, base, pid)
 
-    def senones(self, pid: int) -> tuple[int, int, int]:
-        a, b, c = self.sseq[self.phone_ssid[pid]]
-        return int(a), int(b), int(c)
+    def senones(self, pid) -> np.ndarray:
+        """(..., 3) senone ids of the phones ``pid``."""
+        return self.sseq[self.phone_ssid[pid]]
 
-    def tmat_of(self, pid: int) -> int:
-        return int(self.phone_tmat[pid])
+    def tmat_of(self, pid) -> np.ndarray:
+        return self.phone_tmat[pid]
 
     def senone_states(self) -> np.ndarray:
         """(num_senones, 2): each senone's CI phone and state (0-2); -1 if no phone uses it."""
