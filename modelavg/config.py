@@ -23,6 +23,7 @@ import yaml
 
 from modelavg.averaging import ALGORITHMS
 from modelavg.errors import UsageError
+from modelavg.optim import OPTIMIZERS
 from modelavg.optim.schedules import SCHEDULES
 
 
@@ -143,7 +144,7 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
         None, "initialise hidden layers from a DBN (dbn.pt) or a model file", group="model"
     )
     # optimisation
-    optimizer: str = opt("sgd", "local optimiser", ("sgd", "ngsgd"))
+    optimizer: str = opt("sgd", "local optimiser", tuple(OPTIMIZERS))
     lr: float = opt(0.5, "learning rate of one worker (see --lr-scaling)", low=0, open_low=True)
     lr_scaling: str = opt(
         "linear", "multiply --lr by the number of workers (paper §2.4)", ("linear", "none")

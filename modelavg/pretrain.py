@@ -17,7 +17,9 @@ momentum/lr ramp follows the *global* frame count, so an epoch sees the same sch
 
 Checkpoints (``--checkpoint-every``, and at every epoch's end) hold the finished layers, the
 current RBM, the averager and every worker's CD-1 state, so ``--resume`` (or a torchrun restart)
-continues to the bitwise-identical ``dbn.pt``.
+continues to the bitwise-identical ``dbn.pt``. Training's divergence guard (roll back, lower the
+lr) does not apply: the Gaussian RBM has Kaldi's own explosion guard, and a NaN/Inf in CD-1 ends
+the run with a one-line error, as Kaldi's trainer aborts.
 
 Example::
 
@@ -137,7 +139,13 @@ class RBMWorker:
 
     def step(self, idx: torch.Tensor) -> None:
         v = self.layer_input(self.table, idx)
-        result = self.trainer.step(v)
+        try:
+            result = self.trainer.step(v)
+        except FloatingPointError:
+            raise UsageError(
+                f"worker {self.worker}: the RBM diverged (NaN/Inf in CD-1); keep --lr-scaling "
+                "none or use fewer workers"
+            ) from None
         self.trainer.frames_seen += self.other_frames
         self.window.add(result, len(v))
 

@@ -13,7 +13,7 @@ import yaml
 from conftest import make_data_dir
 
 from modelavg.errors import Infeasible, UsageError
-from modelavg.sweep import add_arguments, main
+from modelavg.sweep import add_arguments, run
 from modelavg.sweep.grid import load_grid
 from modelavg.sweep.runner import config_changes, plan_cell, run_sweep
 
@@ -134,7 +134,7 @@ def test_second_run_skips_finished_cells(sweep, capsys):
     before = [p.stat().st_mtime_ns for p in finals]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert main(parser.parse_args(["--grid", str(grid), "--out", str(out)])) == 0
+    assert run(parser.parse_args(["--grid", str(grid), "--out", str(out)])) == 0
     assert [p.stat().st_mtime_ns for p in finals] == before
     assert capsys.readouterr().out.count("skipped (finished)") == 4
 
@@ -170,7 +170,7 @@ def test_too_large_k_ends_infeasible_by_exit_code_and_is_not_retried(tmp_path, c
     (cell_dir / "train.log").write_text("")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert main(parser.parse_args(["--grid", str(grid), "--out", str(out)])) == 0
+    assert run(parser.parse_args(["--grid", str(grid), "--out", str(out)])) == 0
     assert "infeasible (known)" in capsys.readouterr().out
     assert (cell_dir / "train.log").read_text() == ""  # not run again
 

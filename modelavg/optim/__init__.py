@@ -2,34 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from modelavg.optim.fisher import OnlineNaturalGradient
 from modelavg.optim.ngsgd import NGSGD
 
-__all__ = ["NGSGD", "OnlineNaturalGradient", "build_optimizer", "set_lr"]
+__all__ = ["NGSGD", "OPTIMIZERS", "OnlineNaturalGradient", "build_optimizer", "set_lr"]
 
 
-def build_optimizer(model: nn.Module, cfg, workers: int) -> torch.optim.Optimizer:
+def _sgd(model: nn.Module, cfg: Any, workers: int) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+
+def _ngsgd(model: nn.Module, cfg: Any, workers: int) -> torch.optim.Optimizer:
+    return NGSGD(
+        model,
+        lr=cfg.lr,
+        rank_in=cfg.ng_rank_in,
+        rank_out=cfg.ng_rank_out,
+        update_period=cfg.ng_update_period,
+        num_samples_history=cfg.ng_samples_history,
+        alpha=cfg.ng_alpha,
+        max_change=cfg.max_change * (workers if cfg.max_change_scaling == "linear" else 1),
+        momentum=cfg.momentum,
+        variant=cfg.ng_variant,
+    )
+
+
+OPTIMIZERS = {"sgd": _sgd, "ngsgd": _ngsgd}  # --optimizer: its choices come from here
+
+
+def build_optimizer(model: nn.Module, cfg: Any, workers: int) -> torch.optim.Optimizer:
     """The optimiser named by ``cfg.optimizer`` for one of ``workers`` replicas; the trainer
     sets the lr every epoch."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.optimizer == "ngsgd":
-        return NGSGD(
-            model,
-            lr=cfg.lr,
-            rank_in=cfg.ng_rank_in,
-            rank_out=cfg.ng_rank_out,
-            update_period=cfg.ng_update_period,
-            num_samples_history=cfg.ng_samples_history,
-            alpha=cfg.ng_alpha,
-            max_change=cfg.max_change * (workers if cfg.max_change_scaling == "linear" else 1),
-            momentum=cfg.momentum,
-            variant=cfg.ng_variant,
-        )
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    return OPTIMIZERS[cfg.optimizer](model, cfg, workers)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
