@@ -86,9 +86,11 @@ class Engine:
         rounds: int,
         start_round: int = 0,
         after_round: Callable[[int], None] = lambda round_: None,
+        before_sync: Callable[[int], None] = lambda round_: None,
     ) -> None:
         """Rounds ``start_round + 1 .. rounds`` of: K local steps on every worker, one averaging,
-        then ``after_round(round_)`` (logging, validation, checkpoints: the driver's business)."""
+        then ``after_round(round_)`` (logging, validation, checkpoints: the driver's business).
+        ``before_sync(round_)`` sees the replicas as local training left them."""
         streams = [self.batches(w, epoch_key, start_round) for w in workers]
         modules = [w.module for w in workers]
         for round_ in range(start_round + 1, rounds + 1):
@@ -96,6 +98,7 @@ class Engine:
                 for w, stream in zip(workers, streams, strict=True):
                     for _ in range(self.avg_every):
                         w.step(next(stream))
+            before_sync(round_)
             with self.timer("averaging"):
                 self.averager.sync(modules)
             after_round(round_)
