@@ -50,6 +50,10 @@ COMMANDS = {
         "features only (no labels) from the Asterisk prompts in other languages, for modelavg "
         "pretrain",
     ),
+    "report": (
+        "modelavg.report",
+        "report.md with tables and plots of one or more runs (train or pretrain), overlaid",
+    ),
     "sweep": ("modelavg.sweep", "run a grid of training runs: results table, plots, speedup"),
 }
 

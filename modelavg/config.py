@@ -107,6 +107,12 @@ class RunOptions:
         low=0,
     )
     progress: bool = opt(True, "show progress (a bar on a terminal, else lines)", group="run")
+    tensorboard: bool | None = opt(
+        None,
+        "mirror the log to TensorBoard scalars in OUT/tensorboard (None: when the tensorboard "
+        "package is installed)",
+        group="run",
+    )
 
 
 @dataclass

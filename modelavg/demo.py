@@ -16,13 +16,12 @@ import shutil
 import time
 from pathlib import Path
 
-from modelavg import launch
+from modelavg import launch, report
 from modelavg.config import TrainConfig, validate
 from modelavg.errors import UsageError
 from modelavg.evaluate import evaluate_data_dir, format_result
-from modelavg.io import atomic_write_bytes
+from modelavg.io import read_jsonl
 from modelavg.nets.dnn import load_model
-from modelavg.report import epoch_table, load_metrics, plot_run
 from modelavg.train import train
 
 # The demo's recipe: chosen so the whole run fits in about 10 minutes on 2 CPU cores.
@@ -119,14 +118,12 @@ def demo_config(
 
 
 def write_report(run_dir: Path, cfg: TrainConfig, results: dict, times: dict) -> Path:
-    """report.md: what ran, how long, accuracies beside their baselines, the plots."""
-
-    plot_run(run_dir, title=f"{cfg.workers} workers, K={cfg.avg_every}")
-    metrics = load_metrics(run_dir)
-    start = next(m for m in metrics if m["kind"] == "start")
+    """report.md: what ran, how long, accuracies beside their baselines, then ``modelavg
+    report``'s tables and plots of the run."""
+    start = next(r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "start")
 
     def pct(r: dict, key: str) -> str:
-        return f"{100 * r[key]:.2f}%" if key in r else "n/a"
+        return f"{100 * r[key]:.2f}%" if key in r else ""
 
     rows = [
         "| split | frames | senone acc | chance | majority | phone acc | phone majority | PER |",
@@ -139,7 +136,7 @@ def write_report(run_dir: Path, cfg: TrainConfig, results: dict, times: dict) ->
             f"{pct(r, 'phone_frame_accuracy')} | {pct(r, 'phone_majority_accuracy')} | "
             f"{pct(r, 'phone_error_rate')} |"
         )
-    text = f"""# modelavg demo report
+    preamble = f"""# modelavg demo report
 
 Real speech (Asterisk English prompts, one speaker; `test_other`: LibriVox, another speaker),
 senone targets from a pocketsphinx GMM-HMM forced alignment. DNN {start["parameters"]:,}
@@ -158,14 +155,5 @@ total {times["total_s"]:.0f} s.
 
 Chance = 1/classes; majority = always guessing the most frequent training label. PER: Viterbi
 decoding of phone posteriors (summed senone posteriors over priors) with a frame-level phone
-bigram from the training alignments, against the aligned reference phones.
-
-## Training
-
-{epoch_table(metrics)}
-
-![CV accuracy and loss](cv.png) ![learning rate](lr.png) ![averaging share](averaging.png)
-"""
-    path = run_dir / "report.md"
-    atomic_write_bytes(text.encode(), path)
-    return path
+bigram from the training alignments, against the aligned reference phones."""
+    return report.write_report([run_dir], preamble=preamble)

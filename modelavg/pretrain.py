@@ -31,7 +31,7 @@ Example::
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch
 
 from modelavg import checkpoint as ckpt
 from modelavg.averaging import Averager, ModelAverager
+from modelavg.averaging.spread import replica_spread
 from modelavg.comm.base import Communicator
 from modelavg.config import PretrainConfig
 from modelavg.data.frames import FrameTable
@@ -50,6 +51,7 @@ from modelavg.errors import UsageError
 from modelavg.nets.dbn import DBN, LayerPlan, pretraining_plan, save_dbn
 from modelavg.nets.rbm import RBM, CD1Config, CD1Trainer
 from modelavg.pretrain_log import DBN_FILE, FEATURE_TRANSFORM, PretrainLog, Window
+from modelavg.workers import RBMWorker
 
 STATS_CHUNK = 4096  # frames per forward pass when computing mean activations
 
@@ -126,36 +128,6 @@ def load_pretrain_data(cfg: PretrainConfig, comm: Communicator) -> PretrainData:
 
 
 @dataclass
-class RBMWorker:
-    """One worker's replica of the RBM being trained; the engine's ``Worker``."""
-
-    worker: int
-    module: RBM
-    trainer: CD1Trainer
-    table: FrameTable
-    layer_input: Any  # frame indices -> this layer's input (splice, normalise, finished layers)
-    other_frames: int  # frames the other workers consume per minibatch: the ramp counts them too
-    window: Window = field(default_factory=Window)
-
-    def step(self, idx: torch.Tensor) -> None:
-        v = self.layer_input(self.table, idx)
-        try:
-            result = self.trainer.step(v)
-        except FloatingPointError:
-            raise UsageError(
-                f"worker {self.worker}: the RBM diverged (NaN/Inf in CD-1); keep --lr-scaling "
-                "none or use fewer workers"
-            ) from None
-        self.trainer.frames_seen += self.other_frames
-        self.window.add(result, len(v))
-
-    def take_stats(self) -> torch.Tensor:
-        stats = self.window.tensor(self.table.feats.device)
-        self.window = Window()
-        return stats
-
-
-@dataclass
 class Run:
     """The position in the stack and what every layer shares."""
 
@@ -169,6 +141,7 @@ class Run:
     epoch: int = 1  # epoch of that layer
     round: int = 0  # first round to run in that epoch (non-zero after a mid-epoch resume)
     resumed: dict | None = None  # the checkpoint's current layer state, until it is used
+    spread: torch.Tensor | None = None  # every worker's ||theta_n - mean|| before the last sync
 
     @property
     def comm(self) -> Communicator:
@@ -201,6 +174,7 @@ def pretrain(cfg: PretrainConfig, comm: Communicator, averager: Averager | None 
         run.layer, run.epoch, run.round = run.layer + 1, 1, 0
         save_checkpoint(run, workers=[])
     bar.close()
+    run.log.close()
     comm.barrier()
     if comm.is_main:
         print(f"DBN of {cfg.hidden_layers} x {cfg.hidden_dim} RBMs: {Path(cfg.out) / DBN_FILE}")
@@ -213,7 +187,7 @@ def start(cfg: PretrainConfig, comm: Communicator, averager: Averager) -> Run:
     plans = pretraining_plan(
         data.features.spliced_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.rbm_iter
     )
-    log = PretrainLog(Path(cfg.out), comm.is_main, plans)
+    log = PretrainLog(Path(cfg.out), comm.is_main, plans, cfg.tensorboard)
     run = Run(cfg, engine, data, plans, log, DBN())
     if cfg.resume:
         with comm.one_voice():
@@ -297,18 +271,27 @@ def train_layer(run: Run, plan: LayerPlan, workers: list[RBMWorker], bar: Progre
         engine.averager.start([w.module for w in workers])
         run.log.layer_start(plan)
     engine.timer.reset()
+
+    def logs(round_: int) -> bool:
+        return round_ % cfg.log_every == 0 or round_ == rounds
+
+    def before_sync(round_: int) -> None:
+        if logs(round_):
+            run.spread = replica_spread(run.comm, [w.module for w in workers])
+
+    def after_round(round_: int) -> None:
+        if logs(round_):
+            log_round(run, workers, plan, round_, bar)
+        if cfg.checkpoint_every and round_ % cfg.checkpoint_every == 0 and round_ < rounds:
+            run.round = round_
+            save_checkpoint(run, workers)
+        bar.update()
+
     while run.epoch <= plan.epochs:
         bar.describe(f"layer {plan.index + 1}/{len(run.plans)} epoch {run.epoch}")
-
-        def after_round(round_: int) -> None:
-            if round_ % cfg.log_every == 0 or round_ == rounds:
-                log_round(run, workers, plan, round_, bar)
-            if cfg.checkpoint_every and round_ % cfg.checkpoint_every == 0 and round_ < rounds:
-                run.round = round_
-                save_checkpoint(run, workers)
-            bar.update()
-
-        engine.run_epoch(workers, epochs_before + run.epoch, rounds, run.round, after_round)
+        start = run.round
+        epoch_key = epochs_before + run.epoch
+        engine.run_epoch(workers, epoch_key, rounds, start, after_round, before_sync)
         run.epoch, run.round = run.epoch + 1, 0
         if run.epoch <= plan.epochs:
             save_checkpoint(run, workers)
@@ -333,6 +316,9 @@ def log_round(
         "guard_firings": int(guards),
         **run.engine.timer.totals(),
     }
+    spread = run.spread.tolist()
+    record |= {"spread_min": min(spread), "spread_mean": sum(spread) / len(spread)}
+    record["spread_max"] = max(spread)
     run.log.write(record)
     bar.note(err=f"{error / n:.4g}", guard=str(int(guards)))
 

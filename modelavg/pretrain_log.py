@@ -22,9 +22,10 @@ import torch
 
 from modelavg.comm.base import Communicator
 from modelavg.config import PretrainConfig
-from modelavg.io import JsonlLog, atomic_write_bytes, read_jsonl, save_figure, write_config
+from modelavg.io import atomic_write_bytes, read_jsonl, save_figure, write_config
 from modelavg.nets.dbn import LayerPlan
 from modelavg.nets.rbm import StepResult
+from modelavg.runlog import RunLog
 
 DBN_FILE = "dbn.pt"
 LOG_FILE = "pretrain.jsonl"
@@ -56,9 +57,11 @@ class Window:
         return torch.tensor(values, dtype=torch.float64, device=device)
 
 
-class PretrainLog(JsonlLog):
-    def __init__(self, out: Path, active: bool, plans: list[LayerPlan]) -> None:
-        super().__init__(out / LOG_FILE, active)
+class PretrainLog(RunLog):
+    def __init__(
+        self, out: Path, active: bool, plans: list[LayerPlan], tensorboard: bool | None
+    ) -> None:
+        super().__init__(out / LOG_FILE, active, tensorboard)
         self.out, self.plans = out, plans
         self.curves: dict[int, list[tuple[int, float]]] = {}  # layer -> (frames, error)
         self._layer_guards = 0

@@ -14,58 +14,28 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from modelavg import checkpoint as ckpt
 from modelavg.analysis.live import noise_fields, noise_scale_check
 from modelavg.averaging import make_averager
 from modelavg.averaging.base import share_flat_storage_
+from modelavg.averaging.spread import replica_spread
 from modelavg.comm.base import Communicator
 from modelavg.config import TrainConfig
-from modelavg.data.frames import FrameTable
 from modelavg.data.training import TrainingData, load_training_data
 from modelavg.engine import Engine, Progress
 from modelavg.evaluate import frame_stats, summary
 from modelavg.guard import DivergenceGuard
-from modelavg.io import JsonlLog, atomic_write_bytes, write_config
+from modelavg.io import atomic_write_bytes, write_config
 from modelavg.nets.dnn import DNN, save_model
 from modelavg.optim import build_optimizer, set_lr
 from modelavg.optim.schedules import SCHEDULES, Schedule, make_schedule
-
-
-@dataclass
-class DNNWorker:
-    """One worker's model, optimiser and shards; the engine's ``Worker``."""
-
-    worker: int
-    module: DNN
-    optimizer: torch.optim.Optimizer
-    table: FrameTable
-    cv: FrameTable
-    context: int
-    stats: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
-
-    def step(self, idx: torch.Tensor) -> None:
-        """One minibatch of local SGD (or NG-SGD): no communication."""
-        x, y = self.table.minibatch(idx, self.context)
-        logits = self.module(x)
-        loss = F.cross_entropy(logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():  # [summed loss, correct, frames], on the device: no host sync
-            self.stats[0] += loss.double() * len(y)
-            self.stats[1] += (logits.argmax(1) == y).sum()
-            self.stats[2] += len(y)
-
-    def take_stats(self) -> torch.Tensor:
-        stats = self.stats.clone()
-        self.stats.zero_()
-        return stats
+from modelavg.runlog import RunLog
+from modelavg.workers import DNNWorker
 
 
 @dataclass
@@ -77,16 +47,21 @@ class Run:
     workers: list[DNNWorker]
     guard: DivergenceGuard
     schedule: Schedule
-    log: JsonlLog
+    log: RunLog
     rounds: int  # averaging rounds per epoch, the same on every worker
     accepted_model: dict  # the last model the schedule accepted (Newbob may reject epochs)
     class_counts: torch.Tensor  # training targets per class: the priors a decoder divides by
     epoch: int = 1
     round: int = 0  # first round to run in this epoch (non-zero after a mid-epoch resume)
+    spread: torch.Tensor | None = None  # every worker's ||theta_n - mean|| before the last sync
 
     @property
     def comm(self) -> Communicator:
         return self.engine.comm
+
+    def frames(self, round_: int) -> int:
+        """Frames all workers have trained on by the end of ``round_`` of this epoch."""
+        return ((self.epoch - 1) * self.rounds + round_) * self.engine.frames_per_round
 
     @property
     def models(self) -> list[DNN]:
@@ -121,9 +96,16 @@ def train_epoch(run: Run) -> None:
         desc=f"epoch {run.epoch}/{cfg.epochs}",
     )
 
+    def logs(round_: int) -> bool:
+        return round_ % cfg.log_every == 0 or round_ == run.rounds
+
+    def before_sync(round_: int) -> None:
+        if logs(round_):
+            run.spread = replica_spread(run.comm, run.models)
+
     def after_round(round_: int) -> None:
         check_divergence(run, round_)
-        if round_ % cfg.log_every == 0 or round_ == run.rounds:
+        if logs(round_):
             log_round(run, round_, bar)
         if cfg.cv_every and round_ % cfg.cv_every == 0 and round_ < run.rounds:
             log_cv(run, round_)
@@ -131,7 +113,7 @@ def train_epoch(run: Run) -> None:
             save_checkpoint(run, round_)
         bar.update()
 
-    run.engine.run_epoch(run.workers, run.epoch, run.rounds, run.round, after_round)
+    run.engine.run_epoch(run.workers, run.epoch, run.rounds, run.round, after_round, before_sync)
     bar.close()
 
 
@@ -148,7 +130,7 @@ def start(cfg: TrainConfig, comm: Communicator) -> Run:
         workers=workers,
         guard=DivergenceGuard(cfg.max_rollbacks, cfg.rollback_lr_factor),
         schedule=make_schedule(cfg),
-        log=JsonlLog(Path(cfg.out) / "metrics.jsonl", comm.is_main),
+        log=RunLog(Path(cfg.out) / "metrics.jsonl", comm.is_main, cfg.tensorboard),
         rounds=data.rounds,
         accepted_model=copy.deepcopy(workers[0].module.state_dict()),
         class_counts=data.class_counts,
@@ -214,7 +196,8 @@ def end_epoch(run: Run) -> bool:
         run.guard.remember(run.models)
     used = run.rounds * cfg.avg_every * cfg.minibatch
     left = [torch.tensor(float(len(w.table) - used), device=comm.device) for w in run.workers]
-    record = {"kind": "epoch", "epoch": run.epoch, "accepted": accepted, "lr_next": run.schedule.lr}
+    record = {"kind": "epoch", "epoch": run.epoch, "frames": run.frames(run.rounds)}
+    record |= {"accepted": accepted, "lr_next": run.schedule.lr}
     run.log.write(
         {
             **record,
@@ -246,6 +229,7 @@ def finish(run: Run) -> dict:
         out = Path(run.cfg.out)
         save_model(out / "final.pt", run.models[0], {"cv": final, "class_counts": run.class_counts})
         atomic_write_bytes(json.dumps(final, indent=2).encode(), out / "final_cv.json")
+        run.log.close()
         print(
             f"final: cv loss {final['cross_entropy']:.4f}, cv frame accuracy "
             f"{100 * final['frame_accuracy']:.2f}% on {final['frames']} frames; "
@@ -351,6 +335,7 @@ def log_cv(run: Run, round_: int) -> None:
     frames = rounds_done * run.cfg.avg_every * run.cfg.minibatch
     cv = validate(run)
     record = {"kind": "cv", "epoch": run.epoch, "round": round_, "frames_per_worker": frames}
+    record["frames"] = run.frames(round_)
     run.log.write({**record, **prefixed("cv", cv), **extras(run)})
 
 
@@ -358,8 +343,12 @@ def log_round(run: Run, round_: int, bar: Progress) -> None:
     """Reduce the training statistics since the last line and write them (all workers join)."""
     train = summary(run.engine.reduce_stats(run.workers))
     totals = run.engine.timer.totals()
-    record = {"kind": "round", "epoch": run.epoch, "round": round_, "lr": run.lr}
-    run.log.write({**record, **prefixed("train", train), **totals})
+    record = {"kind": "round", "epoch": run.epoch, "round": round_, "frames": run.frames(round_)}
+    record |= {"lr": run.lr, "avg_every": run.cfg.avg_every}
+    record["frames_per_s"] = (round_ - run.round) * run.engine.frames_per_round / totals["train_s"]
+    spread = run.spread.tolist()
+    record |= {"spread_min": min(spread), "spread_mean": sum(spread) / len(spread)}
+    run.log.write({**record, "spread_max": max(spread), **prefixed("train", train), **totals})
     bar.note(
         loss=f"{train['cross_entropy']:.3f}",
         acc=f"{train['frame_accuracy']:.3f}",

@@ -39,7 +39,8 @@ def test_demo_trains_evaluates_and_reports(small_corpus, tmp_path, capsys):
     assert "report:" in printed and "phone error rate" in printed
     report = (out / "report.md").read_text()
     assert "| test |" in report and "| test_other |" in report
-    for png in ["cv.png", "lr.png", "averaging.png"]:
+    assert "nan" not in report
+    for png in ["learning.png", "lr.png", "averaging.png", "spread.png"]:
         assert (out / png).stat().st_size > 1000
     # eval on the demo layout finds the class map and training alignments by itself
     assert (

@@ -1,0 +1,86 @@
+"""The engine's workers: one replica each, with its shard and its local optimiser.
+
+``DNNWorker`` does one SGD/NG-SGD minibatch of fine-tuning per step, ``RBMWorker`` one CD-1
+update of the RBM being pretrained. Neither communicates: the engine averages their modules.
+
+Example::
+
+    w = DNNWorker(0, model, optimizer, train_table, cv_table, context=5, stats=zeros(3))
+    w.step(torch.tensor([0, 5, 9]))         # frame indices into w.table
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from modelavg.data.frames import FrameTable
+from modelavg.errors import UsageError
+from modelavg.nets.dnn import DNN
+from modelavg.nets.rbm import RBM, CD1Trainer
+from modelavg.pretrain_log import Window
+
+
+@dataclass
+class DNNWorker:
+    """One worker's model, optimiser and shards; the engine's ``Worker``."""
+
+    worker: int
+    module: DNN
+    optimizer: torch.optim.Optimizer
+    table: FrameTable
+    cv: FrameTable
+    context: int
+    stats: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+
+    def step(self, idx: torch.Tensor) -> None:
+        """One minibatch of local SGD (or NG-SGD): no communication."""
+        x, y = self.table.minibatch(idx, self.context)
+        logits = self.module(x)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():  # [summed loss, correct, frames], on the device: no host sync
+            self.stats[0] += loss.double() * len(y)
+            self.stats[1] += (logits.argmax(1) == y).sum()
+            self.stats[2] += len(y)
+
+    def take_stats(self) -> torch.Tensor:
+        stats = self.stats.clone()
+        self.stats.zero_()
+        return stats
+
+
+@dataclass
+class RBMWorker:
+    """One worker's replica of the RBM being trained; the engine's ``Worker``."""
+
+    worker: int
+    module: RBM
+    trainer: CD1Trainer
+    table: FrameTable
+    # frame indices -> this layer's input (splice, normalise, up through the finished layers)
+    layer_input: Callable[[FrameTable, torch.Tensor], torch.Tensor]
+    other_frames: int  # frames the other workers consume per minibatch: the ramp counts them too
+    window: Window = field(default_factory=Window)
+
+    def step(self, idx: torch.Tensor) -> None:
+        v = self.layer_input(self.table, idx)
+        try:
+            result = self.trainer.step(v)
+        except FloatingPointError:
+            raise UsageError(
+                f"worker {self.worker}: the RBM diverged (NaN/Inf in CD-1); keep --lr-scaling "
+                "none or use fewer workers"
+            ) from None
+        self.trainer.frames_seen += self.other_frames
+        self.window.add(result, len(v))
+
+    def take_stats(self) -> torch.Tensor:
+        stats = self.window.tensor(self.table.feats.device)
+        self.window = Window()
+        return stats
