@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from modelavg.decoding import graph as graph_mod
-from modelavg.decoding.decoder import best_path, oracle_log_likelihoods
+from modelavg.decoding.decoder import Scorer, best_path, log_prior, oracle_log_likelihoods
 from modelavg.decoding.graph import load_graph, make_graph
 from modelavg.decoding.lexicon import aligner_dictionary, split_phone, with_positions
 from modelavg.decoding.lm import kneser_ney_arpa
@@ -141,3 +141,25 @@ def test_command_line(corpus, toy_graph, capsys):
     )  # fmt: skip
     assert graph_mod.run(args) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_scorer_backs_off_to_the_pooled_phone_state(toy_graph):
+    """Direct senones: log posterior - log prior; untrained ones: the pooled state's ratio."""
+    graph = load_graph(toy_graph, need_fst=False)
+    n = 300  # the network's outputs: the first 300 classes
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 5, size=n).astype(float)
+    log_post = np.log(rng.dirichlet(np.ones(n), size=4))
+    scores = Scorer(graph, counts)(log_post)
+    assert scores.shape == (4, len(graph.senone_states))
+    prior = log_prior(counts)
+    trained = np.flatnonzero(counts > 0)
+    np.testing.assert_allclose(scores[:, trained], (log_post - prior)[:, trained], rtol=1e-5)
+    state_of = [tuple(graph.senone_states[c]) for c in range(n)]  # class id = senone id here
+    untrained = next(
+        c for c in np.flatnonzero(counts == 0) if any(state_of[t] == state_of[c] for t in trained)
+    )
+    pool = [t for t in trained if state_of[t] == state_of[untrained]]
+    expected = np.log(np.exp(log_post[:, pool]).sum(1)) - np.log(np.exp(prior[pool]).sum())
+    np.testing.assert_allclose(scores[:, untrained], expected, rtol=1e-5)
+    assert np.isfinite(scores).all()

@@ -9,7 +9,8 @@ through the graph's beam search (``decoder.py``); hypotheses are scored against 
 WER floor of the graph (out-of-vocabulary words, homophones, the LM's choices).
 
 Outputs, in ``--out`` (default: ``decode_<graph>_<data>`` beside the model, or
-``oracle_<data>`` inside the graph): ``hyp.txt`` (utterance id, words) and ``wer.json``.
+``oracle_<data>`` inside the graph): ``hyp.txt`` (utterance id, words as the graph spells them)
+and ``wer.json``. Both sides are scored in the transcripts' normal form (``scoring_form``).
 
 Example::
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -73,13 +75,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def scoring_form(words: list[str]) -> list[str]:
+    """Words as the demo's transcripts were normalised (``modelavg/corpora/text.py``): lower
+    case, punctuation a word break. The en-us LM spells letters "m." and "a.m.": they score as
+    "m" and "a m", which is how the transcripts write them."""
+    return re.sub(r"[^a-z0-9']+", " ", " ".join(words).lower()).split()
+
+
 def read_text(data_dir: Path) -> dict[str, list[str]] | None:
     """The reference transcripts (``text``: utterance id, words), or None without one."""
     path = data_dir / "text"
     if not path.is_file():
         return None
     return {
-        fields[0]: [w.lower() for w in fields[1:]]
+        fields[0]: scoring_form(fields[1:])
         for fields in (line.split() for line in path.read_text(encoding="utf-8").splitlines())
         if fields
     }
@@ -130,7 +139,7 @@ def model_scores(
     """acwt x (log posterior - log prior), expanded to the graph's senones, per utterance."""
     from modelavg.data.frames import FrameTable
     from modelavg.data.kaldi import read_corpus
-    from modelavg.decoding.decoder import log_likelihoods, log_prior
+    from modelavg.decoding.decoder import Scorer
     from modelavg.evaluate import utterance_log_probs
     from modelavg.nets.dnn import load_model
 
@@ -148,10 +157,10 @@ def model_scores(
             f"{data_dir}: feature dimension {corpus.dim}, model expects {spec.input_dim}"
         )
     table = FrameTable.from_corpus(corpus, corpus.utts)
-    prior, trained = log_prior(counts), counts > 0
+    scorer = Scorer(graph, counts)
     log_probs = utterance_log_probs(model, table, spec.context)
     return {
-        utt: acwt * log_likelihoods(lp.double().numpy(), prior, trained, graph)
+        utt: acwt * scorer(lp.double().numpy())
         for utt, lp in zip(corpus.utts, log_probs, strict=True)
     }
 
@@ -238,7 +247,8 @@ def decode_data_dir(
     }
     refs = read_text(data)
     if refs is not None:
-        result.update(score({u: refs.get(u, []) for u in sorted(scores)}, hyps))
+        scored = {u: scoring_form(words) for u, words in hyps.items()}
+        result.update(score({u: refs.get(u, []) for u in sorted(scores)}, scored))
     out = Path(out_dir)
     text = "".join(f"{u} {' '.join(hyps[u])}\n" for u in sorted(hyps))
     atomic_write_bytes(text.encode(), out / "hyp.txt")

@@ -19,8 +19,8 @@ processes that share the loaded graph.
 
 Example::
 
-    ll = log_likelihoods(log_post, log_prior(counts), trained=counts > 0, graph=graph)
-    words = best_path(graph.fst, acwt * ll, beam=13.0)
+    ll = Scorer(graph, counts)(log_post)
+    words = best_path(graph.fst, acwt * ll, beam=13.0, max_active=7000)
 """
 
 from __future__ import annotations
@@ -45,47 +45,50 @@ def log_prior(counts: np.ndarray) -> np.ndarray:
     return np.log(c / c.sum())
 
 
-def backoff_sources(graph: Graph, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which column of [outputs, phone states, phones, floor] scores each senone, and the
-    one-hot membership matrices of trained outputs in phone states and phones. The network's
-    outputs are the first ``len(trained)`` classes of the graph's ``classes.txt``."""
-    states = graph.senone_states
-    classes = graph.classes[: len(trained)]
-    num_phones = int(states[:, 0].max()) + 1
-    cls_states = states[classes]
-    ok = trained & (cls_states[:, 0] >= 0)
-    in_state = np.zeros((len(classes), num_phones * 3))
-    in_state[np.flatnonzero(ok), (cls_states[:, 0] * 3 + cls_states[:, 1])[ok]] = 1.0
-    in_phone = np.zeros((len(classes), num_phones))
-    in_phone[np.flatnonzero(ok), cls_states[ok, 0]] = 1.0
-    n_cls, n_st = len(classes), num_phones * 3
-    source = np.full(len(states), n_cls + n_st + num_phones, dtype=np.int64)  # the floor
-    for s, (phone, state) in enumerate(states):
-        if phone < 0:
-            continue
-        if in_phone[:, phone].any():
-            source[s] = n_cls + n_st + phone
-        if in_state[:, phone * 3 + state].any():
-            source[s] = n_cls + phone * 3 + state
-    direct = np.flatnonzero(trained)
-    source[classes[direct]] = direct
-    return source, in_state, in_phone
+class Scorer:
+    """Network log posteriors -> the graph's (T, num_senones) scaled log-likelihoods, with the
+    back-off described above. The network's outputs are the first ``len(counts)`` classes of
+    the graph's ``classes.txt``; ``counts`` are their training-target counts."""
 
+    def __init__(self, graph: Graph, counts: np.ndarray) -> None:
+        self.prior = log_prior(counts)
+        self.trained = np.asarray(counts) > 0
+        states = graph.senone_states
+        classes = graph.classes[: len(counts)]
+        num_phones = int(states[:, 0].max()) + 1
+        cls_states = states[classes]
+        ok = np.flatnonzero(self.trained & (cls_states[:, 0] >= 0))
+        self.in_state = np.zeros((len(classes), num_phones * 3))
+        self.in_state[ok, cls_states[ok, 0] * 3 + cls_states[ok, 1]] = 1.0
+        self.in_phone = np.zeros((len(classes), num_phones))
+        self.in_phone[ok, cls_states[ok, 0]] = 1.0
+        # Columns of [outputs, phone states, phones, floor]: which one scores each senone.
+        n_cls, n_st = len(classes), num_phones * 3
+        phone, state = states[:, 0], states[:, 1]
+        source = np.full(len(states), n_cls + n_st + num_phones, dtype=np.int64)  # the floor
+        used = phone >= 0
+        has_phone, has_state = self.in_phone.any(axis=0), self.in_state.any(axis=0)
+        pooled_phone = used & has_phone[np.maximum(phone, 0)]
+        source[pooled_phone] = n_cls + n_st + phone[pooled_phone]
+        pooled_state = used & has_state[np.maximum(phone, 0) * 3 + state]
+        source[pooled_state] = n_cls + (phone * 3 + state)[pooled_state]
+        direct = np.flatnonzero(self.trained)
+        source[classes[direct]] = direct
+        self.source = source
 
-def log_likelihoods(
-    log_post: np.ndarray, prior: np.ndarray, trained: np.ndarray, graph: Graph
-) -> np.ndarray:
-    """(T, num_senones) float32 scaled log-likelihoods, with the back-off described above."""
-    source, in_state, in_phone = backoff_sources(graph, trained)
-    post = np.exp(log_post - log_post.max(axis=1, keepdims=True))
-    shift = log_post.max(axis=1, keepdims=True)
-    prior_lin = np.exp(prior)
-    with np.errstate(divide="ignore", invalid="ignore"):  # empty groups: never a source
-        pooled = [np.log(post @ m) + shift - np.log(prior_lin @ m) for m in (in_state, in_phone)]
-    direct = log_post - prior
-    floor = np.where(trained, direct, np.inf).min(axis=1, keepdims=True)
-    table = np.concatenate([direct, *pooled, floor], axis=1)
-    return table[:, source].astype(np.float32)
+    def __call__(self, log_post: np.ndarray) -> np.ndarray:
+        shift = log_post.max(axis=1, keepdims=True)
+        post = np.exp(log_post - shift)
+        prior_lin = np.exp(self.prior)
+        with np.errstate(divide="ignore", invalid="ignore"):  # empty groups: never a source
+            pooled = [
+                np.log(post @ m) + shift - np.log(prior_lin @ m)
+                for m in (self.in_state, self.in_phone)
+            ]
+        direct = log_post - self.prior
+        floor = np.where(self.trained, direct, np.inf).min(axis=1, keepdims=True)
+        table = np.concatenate([direct, *pooled, floor], axis=1)
+        return table[:, self.source].astype(np.float32)
 
 
 def oracle_log_likelihoods(targets: np.ndarray, graph: Graph) -> np.ndarray:

@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     )
     state = "up to date" if info.get("cached") else f"built in {info['build_seconds']:.0f} s"
     print(
-        f"graph {args.out}: {state}; {info['words']} words, {info['hclg_states']} states, "
-        f"{info['hclg_arcs']} arcs"
+        f"graph {args.out}: {state}; {info['words']} words, HCLG {info['hclg_states']} states, "
+        f"{info['hclg_bytes'] / 1e6:.0f} MB"
     )
     return 0
 
@@ -235,7 +235,7 @@ def _build(
         "triphone_labels": sum(len(x) == 3 for x in ilabels),
         "triphones_backed_off": backed_off,
         "hclg_states": HCLG.num_states,
-        "hclg_arcs": sum(HCLG.num_arcs(s) for s in range(HCLG.num_states)),
+        "hclg_bytes": (work / "HCLG.fst").stat().st_size,
         "build_seconds": time.perf_counter() - start,
     }
 
