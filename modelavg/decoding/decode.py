@@ -25,6 +25,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -138,10 +139,10 @@ def _check_classes(data_dir: Path, graph: Graph, graph_dir) -> None:
         raise UsageError(f"{path}: not the class -> senone map of graph {graph_dir}")
 
 
-def model_scores(
+def model_inputs(
     model_path, data_dir: Path, graph: Graph, graph_dir, acwt: float, priors_from
-) -> dict[str, np.ndarray]:
-    """acwt x (log posterior - log prior), expanded to the graph's senones, per utterance."""
+) -> tuple[dict[str, np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+    """Per utterance, the network's log posteriors; and the map to acwt x the graph's scores."""
     from modelavg.data.frames import FrameTable
     from modelavg.data.kaldi import read_corpus
     from modelavg.decoding.decoder import Scorer
@@ -155,22 +156,24 @@ def model_scores(
             f"{model_path}: {spec.num_classes} outputs, graph {graph_dir} has "
             f"{len(graph.classes)} classes (classes.txt): not the same senone set"
         )
-    counts = class_counts(model_path, spec.num_classes, priors_from)
+    scorer = Scorer(graph, class_counts(model_path, spec.num_classes, priors_from))
     corpus = read_corpus(data_dir, need_targets=False)
     if corpus.dim != spec.input_dim:
         raise UsageError(
             f"{data_dir}: feature dimension {corpus.dim}, model expects {spec.input_dim}"
         )
     table = FrameTable.from_corpus(corpus, corpus.utts)
-    scorer = Scorer(graph, counts)
     log_probs = utterance_log_probs(model, table, spec.context)
-    return {
-        utt: acwt * scorer(lp.double().numpy())
-        for utt, lp in zip(corpus.utts, log_probs, strict=True)
-    }
+    inputs = {u: lp.double().numpy() for u, lp in zip(corpus.utts, log_probs, strict=True)}
+    return inputs, lambda log_post: acwt * scorer(log_post)
 
 
-def oracle_scores(data_dir: Path, graph: Graph, graph_dir) -> dict[str, np.ndarray]:
+def oracle_inputs(
+    data_dir: Path, graph: Graph, graph_dir
+) -> tuple[dict[str, np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+    """Per utterance, the aligned classes; and the map to one-hot scores."""
+    from functools import partial
+
     from modelavg.data.kaldi import read_labels
     from modelavg.decoding.decoder import oracle_log_likelihoods
 
@@ -183,7 +186,8 @@ def oracle_scores(data_dir: Path, graph: Graph, graph_dir) -> dict[str, np.ndarr
                 f"{data_dir}/targets.scp: utterance {utt} has class {t.max()}, graph "
                 f"{graph_dir} has {len(graph.classes)} classes"
             )
-    return {utt: oracle_log_likelihoods(t, graph) for utt, t in targets.items() if len(t)}
+    inputs = {utt: t for utt, t in targets.items() if len(t)}
+    return inputs, partial(oracle_log_likelihoods, graph=graph)
 
 
 def decode_data_dir(
@@ -224,22 +228,22 @@ def decode_data_dir(
     _check_classes(data, graph, graph_dir)
     start = time.perf_counter()
     if model is None:
-        scores = oracle_scores(data, graph, graph_dir)
+        inputs, to_scores = oracle_inputs(data, graph, graph_dir)
     else:
-        scores = model_scores(model, data, graph, graph_dir, acwt, priors_from)
+        inputs, to_scores = model_inputs(model, data, graph, graph_dir, acwt, priors_from)
     forward_seconds = time.perf_counter() - start
     hyps: dict[str, list[str]] = {}
     bar = tqdm(
-        total=len(scores), desc="decoding", unit="utt", disable=not progress, file=sys.stderr
+        total=len(inputs), desc="decoding", unit="utt", disable=not progress, file=sys.stderr
     )
     with bar:
-        for utt, ids in search_all(graph.fst, scores, beam, max_active, jobs):
+        for utt, ids in search_all(graph.fst, inputs, to_scores, beam, max_active, jobs):
             hyps[utt] = [graph.words[i] for i in ids]
             bar.update()
     seconds = time.perf_counter() - start
-    frames = sum(len(m) for m in scores.values())
+    frames = sum(len(m) for m in inputs.values())
     result: dict = {
-        "utts": len(scores),
+        "utts": len(inputs),
         "frames": frames,
         "seconds": seconds,
         "forward_seconds": forward_seconds,
@@ -253,7 +257,7 @@ def decode_data_dir(
     refs = read_text(data)
     if refs is not None:
         scored = {u: scoring_form(words) for u, words in hyps.items()}
-        result.update(score({u: refs.get(u, []) for u in sorted(scores)}, scored))
+        result.update(score({u: refs.get(u, []) for u in sorted(inputs)}, scored))
     out = Path(out_dir)
     text = "".join(f"{u} {' '.join(hyps[u])}\n" for u in sorted(hyps))
     atomic_write_bytes(text.encode(), out / "hyp.txt")

@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import kaldi_decoder
 import kaldifst
@@ -36,7 +36,7 @@ from modelavg.decoding.graph import Graph
 
 ORACLE_OFF = -1000.0  # log score of every senone but the aligned one in an oracle decode
 
-_SHARED: dict = {}  # set before forking: the graph and the matrices, read by worker processes
+_SHARED: dict = {}  # set before forking: the graph and the inputs, read by worker processes
 
 
 def log_prior(counts: np.ndarray) -> np.ndarray:
@@ -111,21 +111,24 @@ def best_path(fst: kaldifst.StdFst, scores: np.ndarray, beam: float, max_active:
 
 
 def _search_one(utt: str) -> tuple[str, list[int]]:
-    return utt, best_path(
-        _SHARED["fst"], _SHARED["scores"][utt], _SHARED["beam"], _SHARED["max_active"]
-    )
+    shared = _SHARED
+    scores = shared["score"](shared["inputs"][utt])
+    return utt, best_path(shared["fst"], scores, shared["beam"], shared["max_active"])
 
 
 def search_all(
     fst: kaldifst.StdFst,
-    scores: Mapping[str, np.ndarray],
+    inputs: Mapping[str, np.ndarray],
+    score: Callable[[np.ndarray], np.ndarray],
     beam: float,
     max_active: int,
     jobs: int,
 ) -> Iterator[tuple[str, list[int]]]:
-    """(utt, word ids) for every utterance, over ``jobs`` forked processes, longest first."""
-    _SHARED.update(fst=fst, scores=scores, beam=beam, max_active=max_active)
-    order = sorted(scores, key=lambda u: -len(scores[u]))
+    """(utt, word ids) for every utterance, over ``jobs`` forked processes, longest first.
+    ``score`` turns an utterance's input (posteriors, or targets for the oracle) into the
+    graph's scores inside the worker, so only one utterance's senone matrix exists at a time."""
+    _SHARED.update(fst=fst, inputs=inputs, score=score, beam=beam, max_active=max_active)
+    order = sorted(inputs, key=lambda u: -len(inputs[u]))
     try:
         if jobs <= 1 or "fork" not in mp.get_all_start_methods():
             yield from map(_search_one, order)
