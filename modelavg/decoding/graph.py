@@ -177,14 +177,14 @@ def _build(
     bar = tqdm(total=len(STEPS), desc="make-graph", unit="step", disable=not progress,
                file=sys.stderr)  # fmt: skip
 
-    started: list[str] = []
+    started: list[float] = []  # when each step began
 
     def step() -> None:
         """Mark the running step done (if any) and show the next one."""
         if started:
             bar.update()
-        started.append(STEPS[len(started)])
-        bar.set_postfix_str(started[-1])
+        started.append(time.perf_counter())
+        bar.set_postfix_str(STEPS[len(started) - 1])
 
     step()
     prons = aligner_dictionary()
@@ -226,6 +226,7 @@ def _build(
     shutil.copyfile(data / "classes.txt", work / "classes.txt")
     bar.update()
     bar.close()
+    ends = [*started[1:], time.perf_counter()]
     return {
         "format": GRAPH_FORMAT,
         "words": len(lexicon.words) - 4,
@@ -237,6 +238,7 @@ def _build(
         "hclg_states": HCLG.num_states,
         "hclg_bytes": (work / "HCLG.fst").stat().st_size,
         "build_seconds": time.perf_counter() - start,
+        "step_seconds": {k: round(e - b, 1) for k, b, e in zip(STEPS, started, ends, strict=True)},
     }
 
 
