@@ -112,6 +112,7 @@ def test_arpa_without_known_words_is_refused(corpus, tmp_path):
         ({"lm": "/no/such.arpa"}, "no such file"),
         ({"vocab": 0}, "--vocab"),
         ({"sil_prob": 1.0}, "--sil-prob"),
+        ({"lm": "x.arpa", "lm_text": "x.txt"}, "give one"),
     ],
 )
 def test_bad_options(corpus, tmp_path, kwargs, message):

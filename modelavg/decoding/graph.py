@@ -123,6 +123,8 @@ def make_graph(
     data, out = Path(data_dir), Path(out_dir)
     if not (data / "classes.txt").is_file():
         raise UsageError(f"{data}/classes.txt: no such file (the class -> senone map)")
+    if lm_text is not None and lm != "en-us":
+        raise UsageError("--lm and --lm-text: give one (--lm-text estimates the LM from text)")
     if vocab is not None and vocab < 1:
         raise UsageError(f"--vocab {vocab}: must be at least 1")
     if not 0.0 < sil_prob < 1.0:
