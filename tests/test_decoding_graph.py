@@ -121,6 +121,14 @@ def test_bad_options(corpus, tmp_path, kwargs, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_out_that_is_not_a_graph_is_left_alone(corpus, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("x")
+    with pytest.raises(UsageError, match="not a graph directory"):
+        make_graph(corpus, tmp_path / "data", lm_text=str(corpus / "sentences.txt"), order=2)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["keep.txt"]
+
+
 def test_corpus_without_class_map(tmp_path):
     with pytest.raises(UsageError, match="classes.txt"):
         make_graph(tmp_path, tmp_path / "lang", progress=False)

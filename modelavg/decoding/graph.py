@@ -132,11 +132,11 @@ def make_graph(
     options = {"lm": lm if lm_text is None else None, "lm_text": bool(lm_text), "vocab": vocab,
                "order": order if lm_text else None, "sil_prob": sil_prob}  # fmt: skip
     digest = _inputs_hash(data, lm, lm_text, options)
-    meta_path = out / "graph.json"
-    if meta_path.is_file() and (out / "HCLG.fst").is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("inputs_hash") == digest:
-            return {**meta, "cached": True}
+    meta = _graph_meta(out)
+    if meta is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out}: exists and is not a graph directory; choose another")
+    if meta is not None and meta.get("inputs_hash") == digest and (out / "HCLG.fst").is_file():
+        return {**meta, "cached": True}
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -153,6 +153,15 @@ def make_graph(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+def _graph_meta(out: Path) -> dict | None:
+    """The graph.json of a graph directory made here, else None (it is replaced only then)."""
+    try:
+        meta = json.loads((out / "graph.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == GRAPH_FORMAT else None
 
 
 def _build(
