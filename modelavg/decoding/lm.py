@@ -122,9 +122,8 @@ def filter_arpa(
         words = fields[1 : order + 1]
         if keep is not None and not all(w in keep for w in words):
             continue
-        if order == max_order:
-            fields = fields[: order + 1]
-        kept[order].append("\t".join(fields) + "\n")
+        bow = fields[order + 1 :] if order < max_order else []
+        kept[order].append("\t".join([fields[0], " ".join(words), *bow]) + "\n")
     counts = {k: len(v) for k, v in sorted(kept.items())}
 
     def write(fh) -> None:
