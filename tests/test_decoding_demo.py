@@ -14,9 +14,9 @@ import torch
 from modelavg.data.kaldi import read_labels
 from modelavg.decoding import decode as decode_mod
 from modelavg.decoding import forward as forward_mod
-from modelavg.decoding.decode import decode_data_dir
+from modelavg.decoding.decode import decode_data_dir, tune_acwt
 from modelavg.decoding.decoder import log_prior
-from modelavg.decoding.graph import make_graph, read_classes
+from modelavg.decoding.graph import load_graph, make_graph, read_classes
 from modelavg.decoding.lexicon import SIL, aligner_dictionary
 from modelavg.decoding.mdef import (
     WPOS_BEGIN,
@@ -157,6 +157,16 @@ def test_model_decode_writes_hypotheses_and_is_the_same_over_two_jobs(corpus, gr
     assert one["wer"] == two["wer"] and one["rtf"] > 0
     default = decode_data_dir(model, corpus / "cv", graph_dir, progress=False)
     assert Path(default["out"]) == tmp_path / f"decode_{graph_dir.name}_cv"
+
+
+def test_tune_acwt_picks_the_lowest_cv_wer(corpus, graph_dir, tmp_path):
+    n = len(read_classes(corpus / "classes.txt", 10**9))
+    model = _model(tmp_path / "final.pt", n, _train_counts(corpus))
+    graph = load_graph(graph_dir)
+    best, results = tune_acwt(model, corpus / "cv", graph, tmp_path / "tune", grid=(0.05, 0.2))
+    assert set(results) == {0.05, 0.2}
+    assert results[best]["wer"] == min(r["wer"] for r in results.values())
+    assert (tmp_path / "tune" / "acwt_0.05" / "hyp.txt").is_file()
 
 
 def test_old_model_files_take_priors_from_a_train_dir(corpus, graph_dir, tmp_path):
