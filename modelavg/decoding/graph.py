@@ -10,7 +10,7 @@ Transducers", 2008; Povey et al. 2011), with kaldifst and kaldilm doing the FST 
    labels is a triphone (left, centre, right; 0 is the utterance edge, read as SIL).
 4. H: each triphone label becomes the 3-state left-to-right HMM pocketsphinx would use
    (``Mdef.phone_id_nearest``: the same back-off as the aligner), with the model's transition
-   probabilities (self-loop scale 0.1, transition scale 1, as Kaldi's defaults). Input labels
+   probabilities (self-loop scale 0.1, Kaldi's default). Input labels
    are senone id + 1; disambiguation symbols become epsilon (HCLG is not determinised again).
 5. HCLG = H∘CLG.
 
@@ -54,8 +54,9 @@ from modelavg.errors import UsageError
 from modelavg.io import atomic_write_bytes
 
 GRAPH_FORMAT = "modelavg-graph-1"
+# Kaldi's default: a self-loop costs -0.1 log a_jj, leaving costs -0.1 log(1 - a_jj); the
+# transition-scale term, log(a_jk / (1 - a_jj)), is 0 with a single way forward.
 SELF_LOOP_SCALE = 0.1
-TRANSITION_SCALE = 1.0
 STEPS = ("language model", "lexicon L", "grammar G", "LG", "CLG", "H", "HCLG", "write")
 
 
