@@ -50,6 +50,24 @@ COMMANDS = {
         "features only (no labels) from the Asterisk prompts in other languages, for modelavg "
         "pretrain",
     ),
+    "make-graph": (
+        "modelavg.decoding.graph",
+        "decoding graph (HCLG) over the corpus's senones: cmudict lexicon, an n-gram LM "
+        "(pocketsphinx's en-us, an ARPA file or one estimated from text); cached",
+    ),
+    "decode": (
+        "modelavg.decoding.decode",
+        "word error rate of a model (or of the targets, --oracle) through a make-graph graph",
+    ),
+    "forward": (
+        "modelavg.decoding.forward",
+        "log-likelihoods (log posterior - log prior) as a Kaldi archive, for Kaldi's decoders",
+    ),
+    "export": (
+        "modelavg.export",
+        "the model with its splicing and normalisation as one ONNX graph (checked with "
+        "onnxruntime)",
+    ),
     "report": (
         "modelavg.report",
         "report.md with tables and plots of one or more runs (train or pretrain), overlaid",
@@ -198,7 +216,10 @@ def run(args: argparse.Namespace) -> int:
 
 def build_parser(only: str | None = None) -> Parser:
     """Every command with its help; the options of ``only`` (all when None, for the docs)."""
+    from modelavg import __version__
+
     parser = Parser(prog="modelavg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"modelavg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

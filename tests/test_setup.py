@@ -68,12 +68,13 @@ def test_version_flag():
 
 def make_dry_run(target: str, venv: Path) -> list[str]:
     r = subprocess.run(
-        ["make", "-n", target, f"VENV={venv}"],
+        ["make", "--no-print-directory", "-n", target, f"VENV={venv}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "MAKEFLAGS": ""},
+        # under `make test` (CI) the outer make's level would add "make[1]: ..." lines
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},
     )
     return r.stdout.splitlines()
 
