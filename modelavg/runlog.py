@@ -34,18 +34,19 @@ def tensorboard_available() -> bool:
 class RunLog(JsonlLog):
     def __init__(self, path: str | os.PathLike, active: bool, tensorboard: bool | None) -> None:
         super().__init__(path, active)
-        self.writer = None
         if tensorboard and not tensorboard_available():
             raise UsageError("--tensorboard: the tensorboard package is not installed")
-        if active and (tensorboard or (tensorboard is None and tensorboard_available())):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(path).parent / TENSORBOARD_DIR))
+        self.mirror = active and (tensorboard or (tensorboard is None and tensorboard_available()))
+        self.writer = None  # made at the first record, so a run refused at start leaves no files
 
     def write(self, record: dict[str, Any]) -> None:
         super().write(record)
-        if self.writer is None or "frames" not in record:
+        if not self.mirror or "frames" not in record:
             return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(self.path).parent / TENSORBOARD_DIR))
         prefix = record["kind"] + (f"/layer{record['layer']}" if "layer" in record else "")
         for key, value in record.items():
             number = isinstance(value, int | float) and not isinstance(value, bool)
