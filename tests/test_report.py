@@ -9,8 +9,6 @@ from conftest import SMALL
 
 from modelavg.cli import main
 
-pytest.importorskip("tensorboard")
-
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
