@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from modelavg.data.kaldi import write_data_dir
 
@@ -53,3 +54,13 @@ SMALL = [
     "--threads",
     "1",
 ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small matrices: threads only add contention (tests run beside others on 2 cores).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

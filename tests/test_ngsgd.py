@@ -17,13 +17,7 @@ from modelavg.optim import NGSGD, build_optimizer
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: threads only add contention (tests run beside others on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int = 0, dims: tuple[int, ...] = (12, 32, 32, 5)) -> nn.Sequential:

@@ -14,13 +14,7 @@ from modelavg.optim.fisher import special_orthonormal
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: threads only add contention (tests run beside others on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _covariance_sampler(dim: int, top: list[float], seed: int = 0):

@@ -25,13 +25,7 @@ TOL = {torch.float64: 1e-7, torch.float32: 1e-4}
 CALLS = 36
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: threads only add contention (tests run beside others on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sampler(dim: int, seed: int, top: float = 1e4, bottom: float = 1.0):
