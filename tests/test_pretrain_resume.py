@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from modelavg.nets.dbn import load_dbn
@@ -58,11 +59,18 @@ def wait_for_layer2_checkpoint(proc: subprocess.Popen, out: Path, timeout: float
         time.sleep(0.02)
 
 
-def test_pretrain_killed_mid_layer_resumes_to_the_identical_dbn(data_dir, tmp_path):
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def ref(data_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 2-worker pretraining: what every interrupted run must end as."""
+    ref = tmp_path_factory.mktemp("pretrain") / "ref"
     args = ["--in-process", "--workers", "2"]
     r = subprocess.run(pretrain_cmd(data_dir, ref, *args), capture_output=True, env=env())
     assert r.returncode == 0, r.stderr
+    return ref
+
+
+def test_pretrain_killed_mid_layer_resumes_to_the_identical_dbn(data_dir, ref, tmp_path):
+    args = ["--in-process", "--workers", "2"]
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         pretrain_cmd(data_dir, out, *args, "--checkpoint-every", "3"),
@@ -88,11 +96,7 @@ def test_pretrain_killed_mid_layer_resumes_to_the_identical_dbn(data_dir, tmp_pa
     assert '"train_s"' in log
 
 
-def test_torchrun_restarts_a_killed_pretraining_and_it_continues(data_dir, tmp_path):
-    ref = tmp_path / "ref"
-    args = ["--in-process", "--workers", "2"]
-    r = subprocess.run(pretrain_cmd(data_dir, ref, *args), capture_output=True, env=env())
-    assert r.returncode == 0, r.stderr
+def test_torchrun_restarts_a_killed_pretraining_and_it_continues(data_dir, ref, tmp_path):
     out = tmp_path / "restarted"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     torchrun += ["--nproc_per_node", "2", "--max-restarts", "1"]

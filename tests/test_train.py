@@ -32,24 +32,13 @@ def records(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+RUN3 = ["--epochs", "3", "--log-every", "3", "--checkpoint-every", "4", "--keep-checkpoints", "0"]
+
+
 @pytest.fixture(scope="module")
 def run3(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run3"
-    assert (
-        train_two(
-            data_dir,
-            out,
-            "--epochs",
-            "3",
-            "--log-every",
-            "3",
-            "--checkpoint-every",
-            "4",
-            "--keep-checkpoints",
-            "0",
-        )
-        == 0
-    )
+    assert train_two(data_dir, out, *RUN3) == 0
     return out
 
 
@@ -157,19 +146,7 @@ def test_max_change_scaling_loosens_the_cap_n_fold(data_dir, tmp_path):
 
 def test_cv_every_adds_curve_points_without_changing_training(run3, data_dir, tmp_path):
     out = tmp_path / "cv_every"
-    args = [
-        "--epochs",
-        "3",
-        "--log-every",
-        "3",
-        "--checkpoint-every",
-        "4",
-        "--keep-checkpoints",
-        "0",
-        "--cv-every",
-        "2",
-    ]
-    assert train_two(data_dir, out, *args) == 0
+    assert train_two(data_dir, out, *RUN3, "--cv-every", "2") == 0
     assert same_final_model(run3, out)
     start = records(out, "start")[0]
     rounds, frames_per_round = start["rounds_per_epoch"], 2 * 16  # --avg-every 2, minibatch 16
