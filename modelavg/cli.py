@@ -111,7 +111,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             group.add_argument(
                 flag,
-                type=kind,
+                type=f.metadata.get("parse") or kind,
                 default=argparse.SUPPRESS,
                 help=help_,
                 choices=f.metadata.get("choices"),

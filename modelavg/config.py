@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import yaml
 
 from modelavg.averaging import ALGORITHMS
+from modelavg.averaging.optstate import POLICIES
+from modelavg.averaging.schedule import parse_warmup
 from modelavg.errors import UsageError
 from modelavg.optim import OPTIMIZERS
 from modelavg.optim.schedules import SCHEDULES
@@ -37,13 +40,32 @@ def opt(
     high: float | None = None,
     open_low: bool = False,
     open_high: bool = False,
+    parse: Callable[[Any], Any] | None = None,
 ) -> Any:
-    """A config field: its default, help text, argparse group, and the values it accepts."""
+    """A config field: its default, help text, argparse group, and the values it accepts
+    (``parse``: converts a command-line or YAML value, raising UsageError on a bad one)."""
     limits = (low, high, open_low, open_high)
-    return field(
-        default=default,
-        metadata={"help": help, "choices": choices, "group": group, "limits": limits},
-    )
+    meta = {"help": help, "choices": choices, "group": group, "limits": limits, "parse": parse}
+    return field(default=default, metadata=meta)
+
+
+def period_or_auto(value: Any) -> int | str:
+    """--avg-every: a period K >= 1, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1 or str(k) != str(value).strip():
+        raise UsageError(f"--avg-every {value}: give a period >= 1 or auto")
+    return k
+
+
+def warmup_spec(value: Any) -> str:
+    """--avg-warmup: frames (``500000``) or epochs (``2e``)."""
+    parse_warmup(value)
+    return str(value)
 
 
 @dataclass
@@ -156,6 +178,9 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
         "linear", "multiply --lr by the number of workers (paper §2.4)", ("linear", "none")
     )
     momentum: float = opt(0.0, "SGD momentum", low=0, high=1, open_high=True)
+    weight_decay: float | None = opt(
+        None, "adam/adamw: weight decay (default: 0.01 for adamw, 0 for adam)", low=0
+    )
     minibatch: int = opt(256, "frames per minibatch", low=1)
     epochs: int = opt(10, "epochs (the maximum, for newbob)", low=1)
     schedule: str = opt("exponential", "learning-rate schedule", tuple(SCHEDULES))
@@ -201,11 +226,54 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
         "ngsgd",
     )
     # averaging (beside ParallelOptions)
+    avg_every: int | str = opt(
+        10,
+        "average the replicas every K minibatches; auto: K from the training loss and lr "
+        "(AdaComm), in [1, --avg-every-max]",
+        group="parallel",
+        parse=period_or_auto,
+    )
+    avg_every_max: int = opt(
+        16, "auto: the longest period, and the minibatches per round", group="parallel", low=1
+    )
+    avg_every_init: int = opt(
+        1, "auto: the period K0 of the first log window", group="parallel", low=1
+    )
+    avg_warmup: str = opt(
+        "0",
+        "first average every minibatch (K = 1, plain averaging) for this many frames (500000) "
+        "or epochs (2e), then as configured: post-local SGD",
+        group="parallel",
+        parse=warmup_spec,
+    )
+    group_size: int | None = opt(
+        None,
+        "two-level averaging: groups of G consecutive workers average every "
+        "--avg-every-inner minibatches, all workers every --avg-every",
+        group="parallel",
+        low=1,
+    )
+    avg_every_inner: int | None = opt(
+        None, "two-level averaging: the groups' period K1", group="parallel", low=1
+    )
     averaging: str = opt("model", "averaging algorithm", ALGORITHMS, "parallel")
     block_momentum: float | None = opt(
         None, "bmuf: block momentum (default 1 - 1/N)", group="parallel"
     )
     block_lr: float = opt(1.0, "bmuf: block learning rate", group="parallel")
+    outer_lr: float = opt(
+        0.7, "diloco: outer Nesterov SGD learning rate", group="parallel", low=0, open_low=True
+    )
+    outer_momentum: float = opt(
+        0.9, "diloco: outer Nesterov momentum", group="parallel", low=0, high=1, open_high=True
+    )
+    optimizer_state: str = opt(
+        "local",
+        "the local optimisers' moments (SGD momentum, Adam's) at each sync: kept, averaged "
+        "like the models, or reset (NG-SGD's Fisher estimates stay local)",
+        POLICIES,
+        "parallel",
+    )
     # run (beside RunOptions)
     cv_every: int = opt(
         0,
@@ -225,6 +293,11 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
     rollback_lr_factor: float = opt(
         0.5, "lr multiplier applied at each rollback", group="run", low=0, high=1, open_low=True
     )
+
+    @property
+    def round_steps(self) -> int:
+        """Local minibatches per averaging round: K, or --avg-every-max with ``auto``."""
+        return self.avg_every_max if self.avg_every == "auto" else self.avg_every
 
 
 @dataclass
@@ -288,6 +361,9 @@ def validate(cfg: Any) -> Any:
     """Refuse a value outside its field's limits or choices, naming the option."""
     for f in config_fields(type(cfg)):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.metadata.get("parse") is not None:
+            value = f.metadata["parse"](value)
+            setattr(cfg, f.name, value)
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise UsageError(f"{flag} {value}: choose from {', '.join(choices)}")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from modelavg.averaging import Averager
 from modelavg.averaging.base import flatten, unflatten_
+from modelavg.averaging.schedule import FixedK
 from modelavg.comm.base import Communicator
 from modelavg.data.frames import FrameTable
 from modelavg.data.shards import epoch_order, minibatches
@@ -52,10 +53,14 @@ class Engine:
     minibatch: int
     seed: int
     buffer_frames: int
+    # syncs inside a round (warm-up, two-level, adaptive K); default: one sync after K steps
+    schedule: FixedK | None = None
     timer: Timer = field(init=False)
 
     def __post_init__(self) -> None:
         self.timer = Timer(self.comm.device)
+        if self.schedule is None:
+            self.schedule = FixedK(self.averager, self.avg_every)
 
     @property
     def frames_per_round(self) -> int:
@@ -90,17 +95,23 @@ class Engine:
     ) -> None:
         """Rounds ``start_round + 1 .. rounds`` of: K local steps on every worker, one averaging,
         then ``after_round(round_)`` (logging, validation, checkpoints: the driver's business).
-        ``before_sync(round_)`` sees the replicas as local training left them."""
+        ``before_sync(round_)`` sees the replicas as local training left them before the round's
+        last sync. The schedule may sync inside a round too; it sees round
+        ``(epoch_key - 1) * rounds + round_`` (the round's index in training for a 1-based
+        epoch)."""
         streams = [self.batches(w, epoch_key, start_round) for w in workers]
         modules = [w.module for w in workers]
         for round_ in range(start_round + 1, rounds + 1):
-            with self.timer("compute"):
-                for w, stream in zip(workers, streams, strict=True):
-                    for _ in range(self.avg_every):
-                        w.step(next(stream))
-            before_sync(round_)
-            with self.timer("averaging"):
-                self.averager.sync(modules)
+            segments = self.schedule.segments((epoch_key - 1) * rounds + round_)
+            for i, (steps, averager) in enumerate(segments, 1):
+                with self.timer("compute"):
+                    for w, stream in zip(workers, streams, strict=True):
+                        for _ in range(steps):
+                            w.step(next(stream))
+                if i == len(segments):
+                    before_sync(round_)
+                with self.timer("averaging"):
+                    averager.sync(modules)
             after_round(round_)
 
     def reduce_stats(self, workers: list[Worker]) -> torch.Tensor:

@@ -21,8 +21,9 @@ import torch
 
 from modelavg import checkpoint as ckpt
 from modelavg.analysis.live import noise_fields, noise_scale_check
-from modelavg.averaging import make_averager
+from modelavg.averaging import algorithm_options, make_averager
 from modelavg.averaging.base import share_flat_storage_
+from modelavg.averaging.schedule import build_schedule
 from modelavg.averaging.spread import replica_spread
 from modelavg.comm.base import Communicator
 from modelavg.config import TrainConfig
@@ -120,10 +121,14 @@ def train_epoch(run: Run) -> None:
 def start(cfg: TrainConfig, comm: Communicator) -> Run:
     """Data, workers, algorithms; then either the initial validation or a resume."""
     data = load_training_data(cfg, comm)
-    options = {"block_momentum": cfg.block_momentum, "block_lr": cfg.block_lr}
-    averager = make_averager(cfg.averaging, comm, **(options if cfg.averaging == "bmuf" else {}))
-    engine = Engine(comm, averager, cfg.avg_every, cfg.minibatch, cfg.seed, cfg.buffer_frames)
+    averager = make_averager(cfg.averaging, comm, **algorithm_options(cfg))
+    engine = Engine(comm, averager, cfg.round_steps, cfg.minibatch, cfg.seed, cfg.buffer_frames)
     workers = make_workers(cfg, engine, data)
+    with comm.one_voice():  # option errors come before its only collective (process subgroups)
+        optimizers = [w.optimizer for w in workers]
+        engine.schedule = build_schedule(
+            cfg, averager, optimizers, data.rounds, engine.frames_per_round
+        )
     run = Run(
         cfg=cfg,
         engine=engine,
@@ -146,7 +151,7 @@ def start(cfg: TrainConfig, comm: Communicator) -> Run:
         run.log.write({"kind": "epoch", "epoch": 0, **prefixed("cv", cv0), **extras(run)})
         if cfg.schedule == "newbob":
             run.schedule = replace(run.schedule, best_loss=cv0["cross_entropy"])
-    averager.start(run.models)
+        averager.start(run.models)  # a resumed averager has its state from the checkpoint
     run.guard.remember(run.models)
     return run
 
@@ -194,7 +199,7 @@ def end_epoch(run: Run) -> bool:
             m.load_state_dict(run.accepted_model)
         run.engine.averager.start(run.models)
         run.guard.remember(run.models)
-    used = run.rounds * cfg.avg_every * cfg.minibatch
+    used = run.rounds * cfg.round_steps * cfg.minibatch
     left = [torch.tensor(float(len(w.table) - used), device=comm.device) for w in run.workers]
     record = {"kind": "epoch", "epoch": run.epoch, "frames": run.frames(run.rounds)}
     record |= {"accepted": accepted, "lr_next": run.schedule.lr}
@@ -288,6 +293,7 @@ def save_checkpoint(run: Run, round_: int) -> None:
         "accepted_model": run.accepted_model,
         "schedule": {"type": run.cfg.schedule, **asdict(run.schedule)},
         "averager": run.engine.averager.state_dict(),
+        "sync_schedule": run.engine.schedule.state_dict(),
         "guard": run.guard.state_dict(),
         "metrics_bytes": run.log.size(),
     }
@@ -314,6 +320,7 @@ def restore(run: Run) -> None:
         w.stats = workers[w.worker]["stats"]
         ckpt.set_rng_state(workers[w.worker]["rng"])
     run.engine.averager.load_state_dict(shared["averager"])
+    run.engine.schedule.load_state_dict(shared.get("sync_schedule", {}))
     run.guard.load_state_dict(shared["guard"])
     state = dict(shared["schedule"])
     run.schedule = SCHEDULES[state.pop("type")](**state)
@@ -332,7 +339,7 @@ def prefixed(prefix: str, stats: dict) -> dict:
 def log_cv(run: Run, round_: int) -> None:
     """A mid-epoch validation point of the learning curve (the models are equal after averaging)."""
     rounds_done = (run.epoch - 1) * run.rounds + round_
-    frames = rounds_done * run.cfg.avg_every * run.cfg.minibatch
+    frames = rounds_done * run.cfg.round_steps * run.cfg.minibatch
     cv = validate(run)
     record = {"kind": "cv", "epoch": run.epoch, "round": round_, "frames_per_worker": frames}
     record["frames"] = run.frames(round_)
@@ -344,7 +351,8 @@ def log_round(run: Run, round_: int, bar: Progress) -> None:
     train = summary(run.engine.reduce_stats(run.workers))
     totals = run.engine.timer.totals()
     record = {"kind": "round", "epoch": run.epoch, "round": round_, "frames": run.frames(round_)}
-    record |= {"lr": run.lr, "avg_every": run.cfg.avg_every}
+    record |= {"lr": run.lr, **run.engine.schedule.period((run.epoch - 1) * run.rounds + round_)}
+    run.engine.schedule.observe(train["cross_entropy"], run.lr)  # auto K: the next period
     record["frames_per_s"] = (round_ - run.round) * run.engine.frames_per_round / totals["train_s"]
     spread = run.spread.tolist()
     record |= {"spread_min": min(spread), "spread_mean": sum(spread) / len(spread)}
@@ -375,7 +383,7 @@ def write_run_header(run: Run, data: TrainingData) -> None:
         }
     )
     print(
-        f"{comm.num_workers} workers, {run.rounds} averaging rounds of {cfg.avg_every} x "
+        f"{comm.num_workers} workers, {run.rounds} averaging rounds of {cfg.round_steps} x "
         f"{cfg.minibatch} frames per epoch; shards {min(data.shard_frames)}-"
         f"{max(data.shard_frames)} frames; {data.num_classes} classes",
         flush=True,

@@ -1,21 +1,44 @@
-"""Averaging algorithms behind one interface: plain model averaging and block momentum (BMUF)."""
+"""Averaging algorithms behind one interface: plain model averaging, block momentum (BMUF) and
+DiLoCo's outer optimiser."""
+
+from typing import Any
 
 from modelavg.averaging.base import Averager
 from modelavg.averaging.bmuf import BlockMomentumAverager
+from modelavg.averaging.diloco import DiLoCoAverager
 from modelavg.averaging.periodic import ModelAverager
 from modelavg.comm.base import Communicator
 
-ALGORITHMS = ("model", "bmuf")
+ALGORITHMS = ("model", "bmuf", "diloco")
 
 
 def make_averager(name: str, comm: Communicator, **options) -> Averager:
     """``model``: the paper's plain averaging; ``bmuf``: block momentum (options: block_momentum,
-    block_lr, nesterov)."""
+    block_lr, nesterov); ``diloco``: outer Nesterov SGD (options: outer_lr, outer_momentum)."""
     if name == "model":
         return ModelAverager(comm)
     if name == "bmuf":
         return BlockMomentumAverager(comm, **options)
+    if name == "diloco":
+        return DiLoCoAverager(comm, **options)
     raise ValueError(f"unknown averaging algorithm {name!r}; choose from {ALGORITHMS}")
 
 
-__all__ = ["ALGORITHMS", "Averager", "BlockMomentumAverager", "ModelAverager", "make_averager"]
+def algorithm_options(cfg: Any) -> dict:
+    """The options of ``cfg.averaging``'s algorithm, from a TrainConfig."""
+    if cfg.averaging == "bmuf":
+        return {"block_momentum": cfg.block_momentum, "block_lr": cfg.block_lr}
+    if cfg.averaging == "diloco":
+        return {"outer_lr": cfg.outer_lr, "outer_momentum": cfg.outer_momentum}
+    return {}
+
+
+__all__ = [
+    "ALGORITHMS",
+    "algorithm_options",
+    "Averager",
+    "BlockMomentumAverager",
+    "DiLoCoAverager",
+    "ModelAverager",
+    "make_averager",
+]

@@ -57,6 +57,11 @@ class Communicator(ABC):
     def close(self) -> None:  # noqa: B027
         """Leave the process group."""
 
+    def split(self, processes: int) -> Communicator:
+        """This process's block of ``processes`` consecutive ranks as a communicator (collective:
+        every process calls it, in the same order)."""
+        raise UsageError(f"{type(self).__name__} has no process subgroups")
+
     def allreduce_sum_(self, buffers: list[torch.Tensor]) -> None:
         """Make each of the local buffers (one per local worker) the sum over all workers."""
         if len(buffers) != self.local_workers:

@@ -37,9 +37,9 @@ def _cuda_aware(mpi) -> bool:
 
 
 class MPICommunicator(Communicator):
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", comm=None) -> None:  # noqa: ANN001
         self.MPI = _mpi()
-        self.comm = self.MPI.COMM_WORLD
+        self.comm = self.MPI.COMM_WORLD if comm is None else comm
         self.process_rank = self.comm.Get_rank()
         self.num_processes = self.comm.Get_size()
         self.device = torch.device(device)
@@ -69,3 +69,7 @@ class MPICommunicator(Communicator):
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def split(self, processes: int) -> Communicator:
+        block = self.comm.Split(color=self.process_rank // processes, key=self.process_rank)
+        return MPICommunicator(self.device, block)

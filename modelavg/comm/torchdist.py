@@ -89,3 +89,24 @@ class TorchDistCommunicator(Communicator):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def split(self, processes: int) -> Communicator:
+        groups = [
+            dist.new_group(list(range(first, first + processes)))
+            for first in range(0, self.num_processes, processes)
+        ]
+        return Subgroup(self, groups[self.process_rank // processes], processes)
+
+
+class Subgroup(Communicator):
+    """A block of ``processes`` consecutive ranks of ``parent``'s process group."""
+
+    def __init__(self, parent: TorchDistCommunicator, group: dist.ProcessGroup, processes: int):
+        self.parent, self.group = parent, group
+        self.process_rank = parent.process_rank % processes
+        self.num_processes, self.local_workers = processes, parent.local_workers
+        self.device = parent.device
+
+    def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
+        with self.parent._collective():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)

@@ -73,7 +73,7 @@ def load_training_data(cfg: TrainConfig, comm: Communicator) -> TrainingData:
         corpus, cv = read_corpora(cfg)
         num_classes = count_classes(cfg, [corpus, cv])
         shards = shard_corpus(
-            corpus, comm.num_workers, comm.worker_ids, cfg.avg_every, cfg.minibatch
+            corpus, comm.num_workers, comm.worker_ids, cfg.round_steps, cfg.minibatch
         )
         cv_shards = partition({u: len(m) for u, m in cv.feats.items()}, comm.num_workers, True)
         cv_tables = [FrameTable.from_corpus(cv, cv_shards[w]) for w in comm.worker_ids]

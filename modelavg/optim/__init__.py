@@ -1,4 +1,5 @@
-"""Local optimisers: torch SGD (with optional momentum) and Kaldi-style natural-gradient SGD."""
+"""Local optimisers: torch SGD (with optional momentum), Kaldi-style natural-gradient SGD, and
+torch Adam/AdamW (DiLoCo's inner optimiser)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,17 @@ def _ngsgd(model: nn.Module, cfg: Any, workers: int) -> torch.optim.Optimizer:
     )
 
 
-OPTIMIZERS = {"sgd": _sgd, "ngsgd": _ngsgd}  # --optimizer: its choices come from here
+def _adam(model: nn.Module, cfg: Any, workers: int) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay or 0.0)
+
+
+def _adamw(model: nn.Module, cfg: Any, workers: int) -> torch.optim.Optimizer:
+    decay = 0.01 if cfg.weight_decay is None else cfg.weight_decay  # torch's default
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=decay)
+
+
+# --optimizer: its choices come from here
+OPTIMIZERS = {"sgd": _sgd, "ngsgd": _ngsgd, "adam": _adam, "adamw": _adamw}
 
 
 def build_optimizer(model: nn.Module, cfg: Any, workers: int) -> torch.optim.Optimizer:
