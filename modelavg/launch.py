@@ -157,6 +157,33 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
+def choose_backend(
+    requested: str, device: torch.device, penv: ProcessEnv, explicit_index: bool = False
+) -> str:
+    """gloo or nccl. NCCL needs a GPU of its own per process (two ranks on one GPU fail at the
+    first collective); ``auto`` then falls back to gloo, which reduces CUDA tensors too, so a
+    one-GPU machine still runs several worker processes."""
+    if requested not in ("auto", "nccl"):
+        return requested
+    if device.type != "cuda":
+        if requested == "nccl":
+            raise UsageError("--backend nccl needs --device cuda")
+        return "gloo"
+    gpus = torch.cuda.device_count()
+    shared = penv.local_world_size > gpus or (explicit_index and penv.local_world_size > 1)
+    if not shared:
+        return "nccl"
+    why = f"{penv.local_world_size} processes on this machine share {gpus} GPU(s)"
+    if requested == "nccl":
+        raise UsageError(
+            f"--backend nccl: {why}, NCCL needs one GPU per process; use --backend gloo, fewer "
+            "processes, or --in-process"
+        )
+    if penv.rank == 0:
+        print(f"modelavg: {why}: using gloo, not NCCL", file=sys.stderr, flush=True)
+    return "gloo"
+
+
 def connect(cfg, penv: ProcessEnv | None) -> Communicator:
     """The communicator for this process: in-process workers or a real process group."""
     if cfg.in_process or penv is None:
@@ -169,21 +196,11 @@ def connect(cfg, penv: ProcessEnv | None) -> Communicator:
     device = pick_device(cfg.device, penv.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        gpus = torch.cuda.device_count()
-        if cfg.backend in ("auto", "nccl") and penv.local_world_size > gpus:
-            raise UsageError(
-                f"{penv.local_world_size} processes on this machine but {gpus} GPU(s): NCCL needs "
-                "one GPU per process; use --backend gloo, fewer processes, or --in-process"
-            )
     if cfg.backend == "mpi":
         from modelavg.comm.mpi import MPICommunicator
 
         return MPICommunicator(device)
-    backend = (
-        cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    )
-    if backend == "nccl" and device.type != "cuda":
-        raise UsageError("--backend nccl needs --device cuda")
+    backend = choose_backend(cfg.backend, device, penv, explicit_index=":" in cfg.device)
     ensure_rendezvous(penv)
     from modelavg.comm.torchdist import TorchDistCommunicator
 

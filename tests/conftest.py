@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,12 @@ import pytest
 import torch
 
 from modelavg.data.kaldi import write_data_dir
+
+# --device auto would turn the CPU suite into a GPU suite on a GPU machine (and two NCCL ranks on
+# one GPU); the CUDA tests (-m cuda) run with MODELAVG_TEST_CUDA=1. Set before CUDA initialises,
+# and inherited by the worker processes tests spawn.
+if os.environ.get("MODELAVG_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def make_data_dir(

@@ -289,6 +289,7 @@ def test_inplace_activation_and_sequence_inputs() -> None:
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("variant", ["nnet2", "nnet3"])
 def test_cuda_steps_match_cpu(variant: str) -> None:

@@ -84,8 +84,10 @@ class Communicator(ABC):
             b.div_(self.num_workers)
 
     def sum_stats(self, per_worker: list[torch.Tensor]) -> torch.Tensor:
-        """Global sum of small per-worker statistics (returns a new tensor, inputs untouched)."""
-        bufs = [t.clone() for t in per_worker]
+        """Global sum of small per-worker statistics (returns a new tensor, inputs untouched).
+
+        Inputs are copied onto the communicator's device: NCCL reduces nothing else."""
+        bufs = [t.to(self.device, copy=True) for t in per_worker]
         self.allreduce_sum_(bufs)
         return bufs[0]
 

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -20,6 +21,11 @@ import torch.distributed as dist
 
 from modelavg.comm.base import Communicator
 from modelavg.errors import WorkerLost
+
+# A RuntimeError outside torch.distributed's own classes that still means a peer is gone (gloo
+# reports a closed socket or a timeout this way); any other error (out of memory, a CUDA error, a
+# tensor on the wrong device) is this worker's own and keeps its message.
+_PEER_GONE = re.compile(r"timed? ?out|timeout|connection|closed|reset by peer|broken pipe", re.I)
 
 
 def rendezvous_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -48,6 +54,7 @@ class TorchDistCommunicator(Communicator):
         self.num_processes = world_size
         self.device = torch.device(device)
         self.timeout_s = timeout_s
+        self.failed = False  # a collective failed: leave without tearing the group down
         if not dist.is_initialized():
             timeout = timedelta(seconds=timeout_s)
             with self._collective():
@@ -57,6 +64,8 @@ class TorchDistCommunicator(Communicator):
                     rank=rank,
                     world_size=world_size,
                     timeout=timeout,
+                    # NCCL then connects now (a bad GPU mapping fails at join, not mid-epoch)
+                    device_id=self.device if backend == "nccl" else None,
                 )
         self.backend = dist.get_backend()
 
@@ -66,19 +75,33 @@ class TorchDistCommunicator(Communicator):
         becomes one ``WorkerLost`` line; errors outside collectives keep their traceback."""
         try:
             yield
-        except (dist.DistError, RuntimeError) as exc:
+        except RuntimeError as exc:
             text = str(exc).strip()
+            if not isinstance(exc, dist.DistError) and not _PEER_GONE.search(text):
+                raise
+            self.failed = True
             first = text.splitlines()[0][:200] if text else type(exc).__name__
             raise WorkerLost(
                 f"worker rank {self.process_rank}: a collective failed, another worker died or "
                 f"hung past --timeout {self.timeout_s:g}s ({first})"
             ) from None
 
+    def check_device(self, tensor: torch.Tensor) -> None:
+        """NCCL reduces CUDA tensors only; under it a CPU tensor would fail inside the collective
+        and look like a lost peer, so name the bug instead."""
+        if tensor.device != self.device:
+            raise ValueError(
+                f"a {self.backend} collective got a tensor on {tensor.device}, "
+                f"this worker's device is {self.device}"
+            )
+
     def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
+        self.check_device(tensor)
         with self._collective():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
+        self.check_device(tensor)
         with self._collective():
             dist.broadcast(tensor, src=src)
 
@@ -87,7 +110,9 @@ class TorchDistCommunicator(Communicator):
             dist.barrier()
 
     def close(self) -> None:
-        if dist.is_initialized():
+        """Leave the group; after a failed collective skip the teardown, which can block on a
+        broken NCCL communicator (the process exits right after, see ``launch.end_process``)."""
+        if dist.is_initialized() and not self.failed:
             dist.destroy_process_group()
 
     def split(self, processes: int) -> Communicator:
@@ -108,5 +133,6 @@ class Subgroup(Communicator):
         self.device = parent.device
 
     def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
+        self.parent.check_device(tensor)
         with self.parent._collective():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)

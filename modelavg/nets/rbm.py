@@ -357,7 +357,7 @@ class CD1Trainer:
         self.lr_scale = float(state["lr_scale"])
         self.frames_seen = int(state["frames_seen"])
         self._ramp_period = int(state["ramp_period"])
-        self.generator.set_state(state["rng_state"])
+        self.generator.set_state(state["rng_state"].cpu())  # a CPU ByteTensor, even for CUDA
 
 
 def _check_finite(v: torch.Tensor, recon: torch.Tensor) -> None:
