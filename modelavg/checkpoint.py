@@ -73,14 +73,17 @@ def save(comm: Communicator, root: Path, name: str, shared: dict | None, workers
     comm.barrier()
 
 
-def restore(root: Path, comm: Communicator) -> tuple[dict, dict]:
+def restore(root: Path, comm: Communicator, resize: bool = False) -> tuple[dict, dict]:
     """The newest complete checkpoint under ``root``: shared state and this process's workers'
-    states; it must have been written by as many workers as this job has."""
+    states. A checkpoint of another number of workers is refused, or with ``resize`` returned
+    without worker states (the caller starts its workers afresh from the shared state)."""
     ckpt_dir = latest(root)
     if ckpt_dir is None:
         raise UsageError(f"--resume: no checkpoint in {root}")
     shared = load(ckpt_dir / "shared.pt", comm.device)
     if shared["workers"] != comm.num_workers:
+        if resize:
+            return shared, {}
         raise UsageError(
             f"{ckpt_dir}: written by {shared['workers']} workers, this job has "
             f"{comm.num_workers}: resume with --workers {shared['workers']}"

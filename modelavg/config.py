@@ -28,6 +28,7 @@ from modelavg.averaging.schedule import parse_warmup
 from modelavg.errors import UsageError
 from modelavg.optim import OPTIMIZERS
 from modelavg.optim.schedules import SCHEDULES
+from modelavg.preempt import interval_seconds
 
 
 def opt(
@@ -281,6 +282,13 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
         "(0: after each epoch only)",
         group="run",
         low=0,
+    )
+    checkpoint_interval: float = opt(
+        0.0,
+        "also checkpoint once this much wall time has passed since the last checkpoint: 600s, "
+        "10m, 1h (0 = off): a preempted or killed job loses at most that much",
+        group="run",
+        parse=interval_seconds,
     )
     noise_scale: bool = opt(
         False,

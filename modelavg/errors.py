@@ -33,6 +33,14 @@ class Infeasible(UsageError):
     exit_code = 4
 
 
+class Preempted(ModelavgError):
+    """SIGTERM or SIGUSR1 (Slurm preemption, a scheduler's notice): every worker finished its
+    round and a checkpoint was written; ``--resume`` continues. Exit 75 (sysexits' EX_TEMPFAIL:
+    try again later), which an sbatch script can answer with ``scontrol requeue``."""
+
+    exit_code = 75
+
+
 class Reported(ModelavgError):
     """This process stops because another one hit an error and reported it: print nothing."""
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from modelavg import checkpoint as ckpt
+from modelavg import elastic
 from modelavg.analysis.live import noise_fields, noise_scale_check
 from modelavg.averaging import algorithm_options, make_averager
 from modelavg.averaging.base import share_flat_storage_
@@ -35,6 +37,7 @@ from modelavg.io import atomic_write_bytes, write_config
 from modelavg.nets.dnn import DNN, save_model
 from modelavg.optim import build_optimizer, set_lr
 from modelavg.optim.schedules import SCHEDULES, Schedule, make_schedule
+from modelavg.preempt import Control
 from modelavg.runlog import RunLog
 from modelavg.workers import DNNWorker
 
@@ -52,6 +55,7 @@ class Run:
     rounds: int  # averaging rounds per epoch, the same on every worker
     accepted_model: dict  # the last model the schedule accepted (Newbob may reject epochs)
     class_counts: torch.Tensor  # training targets per class: the priors a decoder divides by
+    control: Control  # preemption signals and --checkpoint-interval, agreed on by all processes
     epoch: int = 1
     round: int = 0  # first round to run in this epoch (non-zero after a mid-epoch resume)
     spread: torch.Tensor | None = None  # every worker's ||theta_n - mean|| before the last sync
@@ -76,13 +80,14 @@ class Run:
 
 
 def train(cfg: TrainConfig, comm: Communicator) -> dict:
-    """Run training; returns the final CV summary. The main process writes everything in --out."""
-    run = start(cfg, comm)
-    while run.epoch <= cfg.epochs:
-        train_epoch(run)
-        if end_epoch(run):
-            break
-    return finish(run)
+    """Run training, write --out (main process); SIGTERM/SIGUSR1: checkpoint, exit 75."""
+    with Control(comm, cfg.checkpoint_every, cfg.checkpoint_interval) as control:
+        run = start(cfg, comm, control)
+        while run.epoch <= cfg.epochs:
+            train_epoch(run)
+            if end_epoch(run):
+                break
+        return finish(run)
 
 
 def train_epoch(run: Run) -> None:
@@ -110,15 +115,14 @@ def train_epoch(run: Run) -> None:
             log_round(run, round_, bar)
         if cfg.cv_every and round_ % cfg.cv_every == 0 and round_ < run.rounds:
             log_cv(run, round_)
-        if cfg.checkpoint_every and round_ % cfg.checkpoint_every == 0 and round_ < run.rounds:
-            save_checkpoint(run, round_)
+        run.control.after_round(round_, run.rounds, partial(save_checkpoint, run))
         bar.update()
 
     run.engine.run_epoch(run.workers, run.epoch, run.rounds, run.round, after_round, before_sync)
     bar.close()
 
 
-def start(cfg: TrainConfig, comm: Communicator) -> Run:
+def start(cfg: TrainConfig, comm: Communicator, control: Control) -> Run:
     """Data, workers, algorithms; then either the initial validation or a resume."""
     data = load_training_data(cfg, comm)
     averager = make_averager(cfg.averaging, comm, **algorithm_options(cfg))
@@ -139,6 +143,7 @@ def start(cfg: TrainConfig, comm: Communicator) -> Run:
         rounds=data.rounds,
         accepted_model=copy.deepcopy(workers[0].module.state_dict()),
         class_counts=data.class_counts,
+        control=control,
     )
     if cfg.noise_scale:
         noise_scale_check(len(workers[0].table))
@@ -221,7 +226,7 @@ def end_epoch(run: Run) -> bool:
             flush=True,
         )
     run.epoch, run.round = run.epoch + 1, 0
-    save_checkpoint(run, 0)
+    run.control.after_epoch(save_checkpoint(run, 0))
     return stop
 
 
@@ -283,8 +288,8 @@ def make_workers(cfg: TrainConfig, engine: Engine, data: TrainingData) -> list[D
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Run, round_: int) -> None:
-    """Everything a bitwise-identical resume needs, written atomically; LATEST moves last."""
+def save_checkpoint(run: Run, round_: int) -> str:
+    """Everything a bitwise-identical resume needs, atomically (LATEST moves last); its name."""
     shared = {
         "workers": run.comm.num_workers,
         "epoch": run.epoch,
@@ -308,14 +313,17 @@ def save_checkpoint(run: Run, round_: int) -> None:
     root = Path(run.cfg.out) / "checkpoints"
     name = ckpt.checkpoint_name(run.epoch, round_)
     ckpt.save(run.comm, root, name, shared, workers, run.cfg.keep_checkpoints)
+    run.control.checkpointed()
+    return name
 
 
 def restore(run: Run) -> None:
-    """Load the newest complete checkpoint into ``run`` (models, optimisers, schedule, position)."""
+    """Load the newest complete checkpoint into ``run``; one of another N: ``elastic.resize``."""
     root = Path(run.cfg.out) / "checkpoints"
-    shared, workers = ckpt.restore(root, run.comm)
+    shared, workers = ckpt.restore(root, run.comm, resize=True)
     for w in run.workers:
         w.module.load_state_dict(shared["model"])
+    for w in run.workers if workers else []:  # the same workers: a bitwise-identical resume
         w.optimizer.load_state_dict(workers[w.worker]["optimizer"])
         w.stats = workers[w.worker]["stats"]
         ckpt.set_rng_state(workers[w.worker]["rng"])
@@ -327,6 +335,7 @@ def restore(run: Run) -> None:
     run.accepted_model = shared["accepted_model"]
     run.epoch, run.round = shared["epoch"], shared["round"]
     run.log.truncate(shared["metrics_bytes"])
+    run.round = elastic.resize(shared, run.cfg, run.engine, run.models, run.rounds, run.log)
 
 
 # -- reporting ---------------------------------------------------------------------------------

@@ -86,3 +86,16 @@ class Averager(ABC):
 
     def load_state_dict(self, state: dict) -> None:
         self.syncs = state["syncs"]
+
+    def load_resized_state(self, state: dict, models: list[nn.Module], workers_before: int) -> str:
+        """Take over ``state``, saved by a job of ``workers_before`` workers, in a job of another
+        size whose replicas hold the checkpoint's model (``--resume`` on another N).
+
+        Default: restart from that model (``start``), keeping only the sync count, since an
+        algorithm's state may depend on N. An algorithm whose state is global (one value for
+        all workers, not per worker) overrides this to keep it. Returns ``"kept"`` or
+        ``"restarted"``, for the log line that records the change of N.
+        """
+        self.syncs = state["syncs"]
+        self.start(models)
+        return "restarted"

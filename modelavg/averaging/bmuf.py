@@ -12,7 +12,8 @@ G is measured from S, not W: measured from W it would count the look-ahead block
 Delta a second time, and the momentum would never decay (it grows for block_momentum > 0.5).
 
 block_momentum defaults to 1 - 1/N (CNTK's recommendation). With block_momentum = 0 and
-block_lr = 1 this is plain model averaging. W and Delta are saved with checkpoints.
+block_lr = 1 this is plain model averaging. W and Delta are saved with checkpoints, and kept
+when a run resumes on another number of workers (they are global, not per worker).
 
 Example::
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modelavg.averaging.base import Averager, flatten
+from modelavg.averaging.base import Averager, flatten, unflatten_
 from modelavg.comm.base import Communicator
 
 
@@ -72,3 +73,13 @@ class BlockMomentumAverager(Averager):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.global_model, self.delta = state["global_model"], state["delta"]
+
+    @torch.no_grad()
+    def load_resized_state(self, state: dict, models: list[nn.Module], workers_before: int) -> str:
+        """W and Delta are global, so they carry over to another N; the replicas restart from
+        the start point under this N's block momentum (1 - 1/N by default)."""
+        self.load_state_dict(state)
+        start = self._start_point()
+        for model in models:
+            unflatten_(start, model)
+        return "kept"

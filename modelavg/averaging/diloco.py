@@ -73,3 +73,8 @@ class DiLoCoAverager(Averager):
         super().load_state_dict(state)
         self._set_global(state["global_model"].clone())
         self.outer.load_state_dict(state["outer"])
+
+    def load_resized_state(self, state: dict, models: list[nn.Module], workers_before: int) -> str:
+        """W and the outer momentum are global: another N keeps them (the replicas hold W)."""
+        self.load_state_dict(state)
+        return "kept"
