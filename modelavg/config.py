@@ -59,7 +59,7 @@ def period_or_auto(value: Any) -> int | str:
     except (TypeError, ValueError):
         k = 0
     if k < 1 or str(k) != str(value).strip():
-        raise UsageError(f"--avg-every {value}: give a period >= 1 or auto")
+        raise UsageError(f"--avg-every must be >= 1 or auto, not {value}")
     return k
 
 
