@@ -80,9 +80,9 @@ class Engine:
         order = epoch_order(
             worker.table.lengths, self.seed, epoch_key, worker.worker, self.buffer_frames
         )
-        device = worker.table.feats.device
-        for idx in minibatches(order, self.minibatch, skip=start_round * self.avg_every):
-            yield idx.to(device)
+        # one host-to-device copy per epoch: a copy per minibatch would wait for the GPU each time
+        order = torch.from_numpy(order).to(worker.table.feats.device)
+        yield from minibatches(order, self.minibatch, skip=start_round * self.avg_every)
 
     def run_epoch(
         self,

@@ -70,6 +70,8 @@ class Control:
         job has several processes, none otherwise."""
         elapsed = time.monotonic() - self.last
         due = self.comm.is_main and 0 < self.interval_s <= elapsed
+        if self.comm.num_processes == 1:  # nothing to agree on: no device round trip (a GPU wait)
+            return self.signal is not None, due
         flags = torch.tensor(
             [float(self.signal is not None), float(due)],
             dtype=torch.float64,

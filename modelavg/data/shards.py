@@ -67,7 +67,11 @@ def epoch_order(
     return order
 
 
-def minibatches(order: np.ndarray, minibatch: int, skip: int = 0) -> Iterator[torch.Tensor]:
-    """Consecutive full minibatches of frame indices (a trailing partial one is dropped)."""
+def minibatches(
+    order: np.ndarray | torch.Tensor, minibatch: int, skip: int = 0
+) -> Iterator[torch.Tensor]:
+    """Consecutive full minibatches of frame indices (a trailing partial one is dropped); views
+    of ``order``, so an order already on the GPU costs no copy per minibatch."""
+    order = torch.as_tensor(order)
     for b in range(skip, len(order) // minibatch):
-        yield torch.from_numpy(order[b * minibatch : (b + 1) * minibatch])
+        yield order[b * minibatch : (b + 1) * minibatch]
