@@ -73,6 +73,11 @@ COMMANDS = {
         "report.md with tables and plots of one or more runs (train or pretrain), overlaid",
     ),
     "sweep": ("modelavg.sweep", "run a grid of training runs: results table, plots, speedup"),
+    "combine": (
+        "modelavg.combine",
+        "one model from a run's last checkpoints: their average, or weights fitted on CV "
+        "(Kaldi's nnet3-combine)",
+    ),
 }
 
 

@@ -297,3 +297,31 @@ def test_two_level_on_process_subgroups_equals_in_process(
     got, want = final_state(out), final_state(two_level_inprocess)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4)
+
+
+def test_combine_averages_the_last_checkpoints_and_fits_weights(data_dir, tmp_path, capsys):
+    from modelavg.combine import combine
+    from modelavg.nets.dnn import load_model
+
+    out = tmp_path / "run"
+    args = ["--in-process", "--workers", "2", "--epochs", "3", "--keep-checkpoints", "0"]
+    assert train(data_dir, out, *args) == 0
+    assert main(["combine", str(out), "--last", "3"]) == 0
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())[-3:]
+    states = [torch.load(out / "checkpoints" / n / "shared.pt", weights_only=False)["model"]
+              for n in names]  # fmt: skip
+    combined = load_model(out / "combined.pt").state_dict()
+    key = "layers.0.weight"
+    torch.testing.assert_close(combined[key], sum(s[key] for s in states) / 3)
+    by_hand = combine(states, torch.tensor([0.2, 0.3, 0.5]))[key]
+    torch.testing.assert_close(
+        by_hand, 0.2 * states[0][key] + 0.3 * states[1][key] + 0.5 * states[2][key]
+    )
+    assert (
+        main(["combine", str(out), "--last", "3", "--fit-cv", "--out", str(tmp_path / "f.pt")]) == 0
+    )
+    report = torch.load(tmp_path / "f.pt", weights_only=False)["combine"]
+    assert report["checkpoints"] == names and report["chosen"] == "fit"
+    assert abs(sum(report["fit"]["weights"]) - 1) < 1e-9 and min(report["fit"]["weights"]) >= 0
+    assert "held-out cv loss" in capsys.readouterr().out
+    assert main(["combine", str(tmp_path / "nothing")]) == 2

@@ -112,12 +112,13 @@ def cell_result(cell_dir: Path) -> dict[str, Any]:
     cfg = yaml.safe_load((cell_dir / "config.yaml").read_text())
     start = next(m for m in metrics if m.get("kind") == "start")
     epochs = [m for m in metrics if m.get("kind") == "epoch" and m["epoch"] >= 1]
-    per_epoch = start["rounds_per_epoch"] * cfg["avg_every"] * cfg["minibatch"]
+    round_steps = cfg["avg_every_max"] if cfg["avg_every"] == "auto" else cfg["avg_every"]
+    per_epoch = start["rounds_per_epoch"] * round_steps * cfg["minibatch"]
     frames, acc = learning_curve(metrics, per_epoch)
     final = json.loads((cell_dir / "final_cv.json").read_text())
     compute = sum(e.get("compute_s", 0.0) for e in epochs)
     averaging = sum(e.get("averaging_s", 0.0) for e in epochs)
-    steps = len(epochs) * start["rounds_per_epoch"] * cfg["avg_every"]
+    steps = len(epochs) * start["rounds_per_epoch"] * round_steps
     local_workers = start["workers"] / start.get("processes", 1)
     info_path = cell_dir / "cell.json"
     wall = json.loads(info_path.read_text())["wall_s"] if info_path.exists() else None
