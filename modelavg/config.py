@@ -28,6 +28,7 @@ from modelavg.averaging.schedule import parse_warmup
 from modelavg.errors import UsageError
 from modelavg.optim import OPTIMIZERS
 from modelavg.optim.schedules import SCHEDULES
+from modelavg.precision import AVG_DTYPES, PRECISIONS
 from modelavg.preempt import interval_seconds
 
 
@@ -183,6 +184,7 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
         None, "adam/adamw: weight decay (default: 0.01 for adamw, 0 for adam)", low=0
     )
     minibatch: int = opt(256, "frames per minibatch", low=1)
+    precision: str = opt("fp32", "local steps: fp32, tf32 (CUDA matmul), bf16 autocast", PRECISIONS)
     epochs: int = opt(10, "epochs (the maximum, for newbob)", low=1)
     schedule: str = opt("exponential", "learning-rate schedule", tuple(SCHEDULES))
     final_lr_ratio: float = opt(0.01, "exponential: last epoch's lr / first epoch's lr")
@@ -258,6 +260,7 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
         None, "two-level averaging: the groups' period K1", group="parallel", low=1
     )
     averaging: str = opt("model", "averaging algorithm", ALGORITHMS, "parallel")
+    avg_dtype: str = opt("fp32", "allreduce dtype: fp32, bf16, fp16", tuple(AVG_DTYPES), "parallel")
     block_momentum: float | None = opt(
         None, "bmuf: block momentum (default 1 - 1/N)", group="parallel"
     )

@@ -28,6 +28,7 @@ from modelavg.averaging.base import share_flat_storage_
 from modelavg.averaging.schedule import build_schedule
 from modelavg.averaging.spread import replica_spread
 from modelavg.comm.base import Communicator
+from modelavg.comm.cast import reduced_precision
 from modelavg.config import TrainConfig
 from modelavg.data.training import TrainingData, load_training_data
 from modelavg.engine import Engine, Progress
@@ -125,7 +126,8 @@ def train_epoch(run: Run) -> None:
 def start(cfg: TrainConfig, comm: Communicator, control: Control) -> Run:
     """Data, workers, algorithms; then either the initial validation or a resume."""
     data = load_training_data(cfg, comm)
-    averager = make_averager(cfg.averaging, comm, **algorithm_options(cfg))
+    reduce = reduced_precision(comm, cfg.avg_dtype)  # --avg-dtype: the reduction's dtype
+    averager = make_averager(cfg.averaging, reduce, **algorithm_options(cfg))
     engine = Engine(comm, averager, cfg.round_steps, cfg.minibatch, cfg.seed, cfg.buffer_frames)
     workers = make_workers(cfg, engine, data)
     with comm.one_voice():  # option errors come before its only collective (process subgroups)
@@ -278,10 +280,8 @@ def make_workers(cfg: TrainConfig, engine: Engine, data: TrainingData) -> list[D
         m = copy.deepcopy(model)
         share_flat_storage_(m)  # averaging reduces the parameters in place
         optimizer = build_optimizer(m, cfg, comm.num_workers)
-        stats = torch.zeros(3, dtype=torch.float64, device=comm.device)
-        workers.append(
-            DNNWorker(worker, m, optimizer, data.train[i], data.cv[i], cfg.context, stats)
-        )
+        shard, cv = data.train[i], data.cv[i]
+        workers.append(DNNWorker(worker, m, optimizer, shard, cv, cfg.context, None, cfg.precision))
     return workers
 
 

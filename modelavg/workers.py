@@ -21,6 +21,7 @@ from modelavg.data.frames import FrameTable
 from modelavg.errors import UsageError
 from modelavg.nets.dnn import DNN
 from modelavg.nets.rbm import RBM, CD1Trainer
+from modelavg.precision import autocast, set_matmul_precision
 from modelavg.pretrain_log import Window
 
 
@@ -34,13 +35,20 @@ class DNNWorker:
     table: FrameTable
     cv: FrameTable
     context: int
-    stats: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    stats: torch.Tensor | None = None  # [summed loss, correct, frames] (zeros on the device)
+    precision: str = "fp32"  # --precision: bf16 autocasts forward and loss
+
+    def __post_init__(self) -> None:
+        set_matmul_precision(self.precision, self.table.feats.device)  # the same for every worker
+        if self.stats is None:
+            self.stats = torch.zeros(3, dtype=torch.float64, device=self.table.feats.device)
 
     def step(self, idx: torch.Tensor) -> None:
         """One minibatch of local SGD (or NG-SGD): no communication."""
         x, y = self.table.minibatch(idx, self.context)
-        logits = self.module(x)
-        loss = F.cross_entropy(logits, y)
+        with autocast(self.precision, x.device):
+            logits = self.module(x)
+            loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
