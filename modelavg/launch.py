@@ -30,11 +30,13 @@ import torch
 
 from modelavg.comm.base import Communicator
 from modelavg.comm.inprocess import InProcessCommunicator
-from modelavg.errors import Infeasible, UsageError, WorkerLost
+from modelavg.errors import Infeasible, Preempted, UsageError, WorkerLost
 from modelavg.io import check_out_dir
+from modelavg.preempt import SIGNALS
 
 PEER_LOST = WorkerLost.exit_code  # a worker that stopped because another one died
-SELF_REPORTED = (UsageError.exit_code, Infeasible.exit_code)  # the worker printed why
+# the worker printed why (or, preempted, the main one did)
+SELF_REPORTED = (UsageError.exit_code, Infeasible.exit_code, Preempted.exit_code)
 GRACE_S = 5.0  # after one worker fails, how long the others may take to stop on their own
 
 
@@ -268,13 +270,21 @@ def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:
     Returns the exit code: 0 when all succeed, else the first failure's code (or 128 + signal).
     A worker that reported its own error (a usage error, infeasible options) has printed why;
     otherwise the launcher names the rank that failed first (not one that stopped because its
-    peer died).
+    peer died). SIGTERM/SIGUSR1 are passed on to the workers (preemption: they checkpoint and
+    all exit 75).
     """
     port = free_port()
     procs = []
     for rank in range(workers):
         env = {**os.environ, **local_rank_env(rank, workers, port), "MODELAVG_LAUNCHER": "spawn"}
         procs.append(subprocess.Popen([sys.executable, "-m", "modelavg", *argv], env=env))
+
+    def forward(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in SIGNALS}
     try:
         deadline = None
         while True:
@@ -299,6 +309,9 @@ def spawn_local(argv: list[str], workers: int, poll_s: float = 0.2) -> int:
     except KeyboardInterrupt:
         stop_all(procs)
         return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def stop_all(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
