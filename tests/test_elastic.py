@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -278,3 +279,139 @@ def test_torchrun_elastic_job_loses_a_node_and_finishes_on_the_survivor(data_dir
     assert (resize["workers_before"], resize["workers"]) == (2, 1)
     assert [e["epoch"] for e in kinds(out, "epoch")] == [0, 1, 2, 3, 4]
     assert final_accuracy(out) > 0.8
+
+
+# -- real Slurm on this machine ---------------------------------------------------------------
+
+SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "srun", "squeue", "scancel", "sinfo")
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+
+
+def start_daemon(cmd: list[str], pid_file: Path, log: Path) -> int:
+    """Run a forking daemon; its pid once it has written its pid file."""
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    deadline = time.monotonic() + 15
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        if r.returncode or time.monotonic() > deadline:
+            text = log.read_text()[-2000:] if log.exists() else ""
+            pytest.skip(f"{cmd[0]} did not start (exit {r.returncode}): {r.stderr} {text}")
+        time.sleep(0.05)
+    return int(pid_file.read_text())
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict:
+    """A one-node Slurm cluster (slurmctld, slurmd, munge auth) private to this test: its own
+    munged socket, ports, state and spool directories; stopped afterwards. Returns the
+    environment for srun/scancel (SLURM_CONF)."""
+    missing = [b for b in SLURM_BINARIES if which(b) is None]
+    if missing:
+        pytest.skip(
+            f"Slurm not installed ({', '.join(missing)} missing): "
+            "apt-get install -y slurm-wlm munge"
+        )
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld and slurmd for a test needs root")
+    d = tmp_path_factory.mktemp("slurm")
+    d.chmod(0o700)
+    key = d / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    pids = []
+    try:
+        munged = [which("munged"), "--force", f"--socket={d}/munge.sock", f"--key-file={key}"]
+        munged += [
+            f"--log-file={d}/munged.log",
+            f"--pid-file={d}/munged.pid",
+            f"--seed-file={d}/seed",
+        ]
+        pids.append(start_daemon(munged, d / "munged.pid", d / "munged.log"))
+        host = socket.gethostname()
+        conf = d / "slurm.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=modelavg",
+                    f"SlurmctldHost={host}(127.0.0.1)",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
+                    "AuthType=auth/munge",
+                    f"AuthInfo=socket={d}/munge.sock",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    f"StateSaveLocation={d}/state",
+                    f"SlurmdSpoolDir={d}/spool",
+                    f"SlurmctldPidFile={d}/slurmctld.pid",
+                    f"SlurmdPidFile={d}/slurmd.pid",
+                    f"SlurmctldLogFile={d}/slurmctld.log",
+                    f"SlurmdLogFile={d}/slurmd.log",
+                    "ProctrackType=proctrack/linuxproc",  # no cgroups needed (containers)
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "SchedulerType=sched/builtin",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_CPU",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN",
+                    f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP "
+                    "OverSubscribe=FORCE:4",
+                ]
+            )
+            + "\n"
+        )
+        (d / "state").mkdir()
+        (d / "spool").mkdir()
+        for daemon in ("slurmctld", "slurmd"):
+            pid_file, log = d / f"{daemon}.pid", d / f"{daemon}.log"
+            pids.append(start_daemon([which(daemon), "-f", str(conf)], pid_file, log))
+        slurm_env = {**env(), "SLURM_CONF": str(conf)}
+        deadline = time.monotonic() + 30
+        while (
+            "idle"
+            not in subprocess.run(
+                [which("sinfo"), "-h", "-o", "%t"], capture_output=True, text=True, env=slurm_env
+            ).stdout
+        ):
+            if time.monotonic() > deadline:
+                pytest.skip(
+                    f"the Slurm node did not come up: {(d / 'slurmd.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.2)
+        yield slurm_env
+    finally:
+        for pid in reversed(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_srun_job_preempted_by_scancel_resumes_bitwise(data_dir, uninterrupted, slurm, tmp_path):
+    """srun -n 2 (the launcher detects SLURM_* variables), scancel --signal=TERM mid-epoch:
+    both tasks checkpoint and exit 75 (srun's exit code too); srun --resume finishes with the
+    uninterrupted run's model."""
+    out = tmp_path / "slurm"
+    srun = [which("srun"), "-n", "2", "--job-name", f"modelavg-{os.getpid()}"]
+    cmd = train_cmd(data_dir, out, *PREEMPT)
+    job = subprocess.Popen(
+        [*srun, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm
+    )
+    wait_for(job, lambda: round_lines(out, 2))
+    squeue = [which("squeue"), "-h", "-n", srun[4], "-o", "%i"]
+    job_id = subprocess.run(squeue, capture_output=True, text=True, env=slurm).stdout.split()[0]
+    subprocess.run([which("scancel"), "--signal=TERM", job_id], check=True, env=slurm)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == PREEMPTED, err
+    preempted = [line for line in err.splitlines() if line.startswith("modelavg: error:")]
+    assert len(preempted) == 1 and "preempted (SIGTERM)" in preempted[0], err
+    latest = (out / "checkpoints" / "LATEST").read_text()
+    assert latest.startswith("e002-") and latest != "e002-r00000", latest
+    resumed = subprocess.run(
+        [*srun, *cmd[:4], "--resume", "--out", str(out)], capture_output=True, text=True, env=slurm
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_model(out, uninterrupted)
+    assert [e["epoch"] for e in kinds(out, "epoch")] == [0, 1, 2, 3]
