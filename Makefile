@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := openmpi-bin libopenmpi-dev asterisk-core-sounds-en-wav asterisk-core-sounds-en \
 	pocketsphinx-testdata dataset-fashion-mnist asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav \
 	asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav \
-	festival festvox-kallpc16k festlex-cmu
+	festival festvox-kallpc16k festlex-cmu slurm-wlm munge
 
 .PHONY: setup apt demo test lint
 
