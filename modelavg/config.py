@@ -231,8 +231,8 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
     # averaging (beside ParallelOptions)
     avg_every: int | str = opt(
         10,
-        "average the replicas every K minibatches; auto: K from the training loss and lr "
-        "(AdaComm), in [1, --avg-every-max]",
+        "average the replicas every K minibatches; auto: AdaComm's K = K0 sqrt(lr0 F / (lr F0)) "
+        "in [1, --avg-every-max], recomputed from the training loss F at every log line",
         group="parallel",
         parse=period_or_auto,
     )
