@@ -1,7 +1,8 @@
 """Frame-level evaluation: cross-entropy and frame accuracy, summable across workers.
 
 ``modelavg eval`` (``add_arguments``/``run``) reports them for a saved model on a data directory,
-with phone accuracy and PER where the corpus has a class map.
+with phone accuracy and PER where the corpus has a class map, and with ``--graph`` the word error
+rate of ``modelavg decode`` (``modelavg.decoding.decode``).
 
 Example::
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from modelavg.data.frames import FrameTable
 from modelavg.errors import UsageError
-from modelavg.nets.dnn import load_model
+from modelavg.nets.dnn import load_model, utterance_log_probs
 
 
 @torch.no_grad()
@@ -53,19 +54,6 @@ def summary(stats: torch.Tensor) -> dict[str, float]:
         "frame_accuracy": correct / frames_,
         "frames": int(frames),
     }
-
-
-@torch.no_grad()
-def utterance_log_probs(model: nn.Module, table: FrameTable, context: int) -> list[torch.Tensor]:
-    """Per-utterance (T x C) log posteriors, in table order (for decoding)."""
-    device = next(model.parameters()).device
-    model.eval()
-    out, lo = [], 0
-    for n in table.lengths:
-        idx = torch.arange(lo, lo + int(n))
-        out.append(torch.log_softmax(model(table.splice(idx, context).to(device)), 1).cpu())
-        lo += int(n)
-    return out
 
 
 def read_labelled_table(model, data_dir, feats=None, targets=None) -> tuple:
@@ -174,6 +162,10 @@ def format_result(name: str, r: dict) -> str:
             f"  phone error rate {pct('phone_error_rate')} ({r['phone_errors']} errors / "
             f"{r['reference_phones']} reference phones)",
         ]
+    if "wer" in r:
+        from modelavg.decoding.wer import format_wer
+
+        lines.append(format_wer(f"  words (acwt {r['acwt']:g})", r))
     return "\n".join(lines)
 
 
@@ -193,6 +185,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="training data dir for the majority-class baseline and "
         "the phone bigram (default: the sibling train/ of --data with a class map)",
     )
+    from modelavg.decoding.decode import ACWT
+
+    p.add_argument("--graph", help="graph dir from modelavg make-graph: adds the word error rate")
+    p.add_argument("--acwt", type=float, default=ACWT, help="acoustic scale for --graph")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,8 +200,23 @@ def run(args: argparse.Namespace) -> int:
     train_dir = args.train_data
     if train_dir is None and class_map is not None and (data.parent / "train").is_dir():
         train_dir = data.parent / "train"
+    if args.graph is not None and not (data / "text").is_file():
+        raise UsageError(f"{data}/text: no such file (--graph scores the words against it)")
     result = evaluate_data_dir(
         load_model(args.model), data, args.feats, args.targets, class_map, train_dir
     )
+    if args.graph is not None:
+        result.update(word_error_rate(args.model, data, args.graph, args.acwt))
     print(json.dumps(result) if args.json else format_result(str(data), result))
     return 0
+
+
+def word_error_rate(model_path, data_dir, graph_dir, acwt: float) -> dict:
+    """``modelavg decode``'s WER (ins/del/sub) of a model on a data dir, as eval's keys; the
+    hypotheses go where decode puts them (``decode_<graph>_<data>`` beside the model)."""
+    from modelavg.decoding.decode import decode_data_dir
+    from modelavg.decoding.wer import WER_KEYS
+
+    r = decode_data_dir(model_path, data_dir, graph_dir, acwt=acwt, progress=False)
+    wer = {k: r[k] for k in (*WER_KEYS, "acwt", "rtf")}
+    return {**wer, "hypotheses": str(Path(r["out"]) / "hyp.txt")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,145 @@ def test_forward_refuses_a_pipe_and_writes_nothing(corpus, tmp_path):
     with pytest.raises(UsageError, match="--out"):
         forward_mod.write_loglikes(tmp_path / "m.pt", corpus / "test", "ark:| gzip -c > x.gz")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# WER in eval and in a sweep (the demo's report: tests/test_demo_command.py)
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+def test_eval_graph_adds_the_decode_wer(corpus, graph_dir, tmp_path, capsys):
+    from modelavg.cli import main
+
+    n = len(read_classes(corpus / "classes.txt", 10**9))
+    model = _model(tmp_path / "final.pt", n, _train_counts(corpus))
+    argv = ["eval", "--model", str(model), "--data", str(corpus / "test"), "--graph",
+            str(graph_dir), "--acwt", "0.2"]  # fmt: skip
+    assert main([*argv, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    decoded = decode_data_dir(model, corpus / "test", graph_dir, acwt=0.2, progress=False)
+    for key in ("wer", "ins", "del", "sub", "words"):
+        assert got[key] == decoded[key], key
+    assert got["words"] > 0 and got["acwt"] == 0.2 and "frame_accuracy" in got
+    assert got["wer"] == pytest.approx((got["ins"] + got["del"] + got["sub"]) / got["words"])
+    assert Path(got["hypotheses"]).is_file()
+    assert main(argv) == 0
+    assert "words (acwt 0.2): WER" in capsys.readouterr().out
+
+
+def test_sweep_decodes_each_cell_once(corpus, graph_dir, tmp_path, monkeypatch):
+    import yaml
+
+    from modelavg.sweep import wer as sweep_wer
+    from modelavg.sweep.runner import run_sweep
+
+    grid = {"data": str(corpus / "train"), "cv": str(corpus / "cv"), "hidden_layers": 1,
+            "hidden_dim": 32, "epochs": 1, "minibatch": 64, "avg_every": 2, "in_process": True,
+            "num_classes": len(read_classes(corpus / "classes.txt", 10**9)),
+            "graph": str(graph_dir), "decode": str(corpus / "test"),
+            "grid": {"workers": [1]}}  # fmt: skip
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    rows = run_sweep(path, tmp_path / "sweep", log=lambda _: None)
+    assert [r["status"] for r in rows] == ["done"]
+    for r in rows:
+        assert r["wer"] == pytest.approx(
+            (r["wer_ins"] + r["wer_del"] + r["wer_sub"]) / r["wer_words"]
+        )
+        assert r["acwt"] in decode_mod.ACWT_GRID and r["cv_wer"] >= 0
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert "test WER (ins/del/sub)" in table and f"{100 * rows[0]['wer']:.2f}% (" in table
+    assert "wer_ins" in (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0]
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(decode_mod, "decode_data_dir", no_decode)
+    again = run_sweep(path, tmp_path / "sweep", log=lambda _: None)
+    assert [r["wer"] for r in again] == [r["wer"] for r in rows]
+    assert sweep_wer.COLUMNS[0] == "wer"
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"graph": "g"}, "'graph' and 'decode' go together"),
+        ({"graph": "g", "decode": "d", "acwt": "x"}, "acwt must be a number"),
+        ({"graph": "g", "decode": "d", "acwt": 0}, "acwt must be positive"),
+    ],
+)
+def test_sweep_grid_decode_keys_are_checked(tmp_path, keys, message):
+    import yaml
+
+    from modelavg.sweep.grid import load_grid
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"data": "d", **keys, "grid": {"workers": [1]}}))
+    with pytest.raises(UsageError, match=message):
+        load_grid(path)
+
+
+def test_sweep_with_a_missing_graph_fails_before_training(corpus, tmp_path):
+    import yaml
+
+    from modelavg.sweep.runner import run_sweep
+
+    grid = {"data": str(corpus / "train"), "graph": str(tmp_path / "nograph"),
+            "decode": str(corpus / "test"), "grid": {"workers": [1]}}  # fmt: skip
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    with pytest.raises(UsageError, match="not a graph directory"):
+        run_sweep(tmp_path / "grid.yaml", tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input on the command line: one line on stderr, exit 2, nothing written
+
+
+def _bad_input_cases(corpus: Path, graph_dir: Path, tmp: Path) -> dict[str, list[str]]:
+    n = len(read_classes(corpus / "classes.txt", 10**9))
+    good = str(_model(tmp / "in" / "m.pt", n, np.ones(n)))
+    big = str(_model(tmp / "in" / "big.pt", n + 5, np.ones(n + 5)))
+    empty = tmp / "in" / "empty"
+    empty.mkdir()
+    (empty / "feats.scp").write_text("")
+    arpa = tmp / "in" / "lm.arpa"
+    arpa.write_text("\\data\\\nngram 1=2\n\n\\1-grams:\n-1.0 qqzx\n-1.0 zzqv\n\n\\end\\\n")
+    out, test, g = str(tmp / "out"), str(corpus / "test"), str(graph_dir)
+    nog = str(tmp / "in" / "nograph")
+    return {
+        "make-graph, no word of the ARPA in the lexicon": [
+            "make-graph", "--data", str(corpus), "--lm", str(arpa), "--out", out],
+        "make-graph, no class map": ["make-graph", "--data", str(empty), "--out", out],
+        "decode, missing graph": ["decode", "--model", good, "--data", test, "--graph", nog,
+                                  "--out", out],
+        "decode, senone mismatch": ["decode", "--model", big, "--data", test, "--graph", g,
+                                    "--out", out],
+        "decode, empty data dir": ["decode", "--model", good, "--data", str(empty), "--graph", g,
+                                   "--out", out],
+        "forward, empty data dir": ["forward", "--model", good, "--data", str(empty), "--out",
+                                    f"ark,scp:{out}/x.ark,{out}/x.scp"],
+        "forward, missing model": ["forward", "--model", nog, "--data", test, "--out",
+                                   f"ark:{out}/x.ark"],
+        "eval, missing graph": ["eval", "--model", good, "--data", test, "--graph", nog],
+        "eval, senone mismatch": ["eval", "--model", big, "--data", test, "--graph", g],
+        "eval, empty data dir": ["eval", "--model", good, "--data", str(empty), "--graph", g],
+    }  # fmt: skip
+
+
+def test_bad_input_is_one_line_and_exit_2(corpus, graph_dir, tmp_path, capsys):
+    from modelavg.cli import main
+
+    (tmp_path / "in").mkdir()
+    cases = _bad_input_cases(corpus, graph_dir, tmp_path)
+    before = _files(tmp_path) | _files(corpus) | _files(graph_dir)
+    for name, argv in cases.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()  # a progress bar may come first
+        assert err[-1].startswith("modelavg: error: "), (name, err)
+        assert sum("error" in line for line in err) == 1 and "Traceback" not in str(err), name
+        assert not (tmp_path / "out").exists(), name
+    assert _files(tmp_path) | _files(corpus) | _files(graph_dir) == before

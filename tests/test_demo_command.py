@@ -1,6 +1,7 @@
 """`modelavg demo` end to end on a small subset of the real corpus."""
 
 import json
+import re
 
 import pytest
 
@@ -18,8 +19,13 @@ def small_corpus(tmp_path_factory):
     return out
 
 
-def test_demo_trains_evaluates_and_reports(small_corpus, tmp_path, capsys):
-    out = tmp_path / "exp"
+def test_demo_trains_evaluates_decodes_and_reports(small_corpus, tmp_path, capsys):
+    from modelavg.decoding.graph import make_graph
+
+    out, graph, sentences = tmp_path / "exp", tmp_path / "lang", tmp_path / "sentences.txt"
+    texts = [(small_corpus / s / "text").read_text().splitlines() for s in ("test", "cv")]
+    sentences.write_text("".join(line.split(maxsplit=1)[1] + "\n" for t in texts for line in t))
+    make_graph(small_corpus, graph, lm_text=str(sentences), order=2, progress=False)
     assert (
         main(
             [
@@ -31,14 +37,22 @@ def test_demo_trains_evaluates_and_reports(small_corpus, tmp_path, capsys):
                 "--epochs",
                 "1",
                 "--in-process",
+                "--graph",
+                str(graph),
             ]
         )
         == 0
     )
     printed = capsys.readouterr().out
     assert "report:" in printed and "phone error rate" in printed
+    assert re.search(r"^test words \(acwt [0-9.]+\): WER [0-9.]+%", printed, re.M)
     report = (out / "report.md").read_text()
-    assert "| test |" in report and "| test_other |" in report
+    for split in ("test", "cv", "test_other"):  # each row ends in its WER (ins/del/sub of words)
+        row = next(x for x in report.splitlines() if x.startswith(f"| {split} |"))
+        assert re.search(r"\| [0-9.]+% \(\d+/\d+/\d+ of [1-9]\d*\) \|$", row), row
+        assert list((out / f"decode_{split}").rglob("hyp.txt"))  # cv: one per acwt tried
+    assert "the lowest cv WER of 0.07: " in report
+    assert not list(small_corpus.glob("lang_enus*"))  # --graph given: no en-us graph built
     assert "nan" not in report
     for png in ["learning.png", "lr.png", "averaging.png", "spread.png"]:
         assert (out / png).stat().st_size > 1000

@@ -146,8 +146,7 @@ def model_inputs(
     from modelavg.data.frames import FrameTable
     from modelavg.data.kaldi import read_corpus
     from modelavg.decoding.decoder import Scorer
-    from modelavg.evaluate import utterance_log_probs
-    from modelavg.nets.dnn import load_model
+    from modelavg.nets.dnn import load_model, utterance_log_probs
 
     model = load_model(model_path)
     spec = model.spec

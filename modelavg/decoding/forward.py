@@ -59,8 +59,7 @@ def loglikes(model_path, data_dir, priors_from=None) -> dict[str, np.ndarray]:
     from modelavg.data.kaldi import read_corpus
     from modelavg.decoding.decode import class_counts
     from modelavg.decoding.decoder import log_prior
-    from modelavg.evaluate import utterance_log_probs
-    from modelavg.nets.dnn import load_model
+    from modelavg.nets.dnn import load_model, utterance_log_probs
 
     model = load_model(model_path)
     spec = model.spec

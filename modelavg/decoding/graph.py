@@ -188,56 +188,57 @@ def _build(
     base_phones = [p for i, p in enumerate(mdef.ciphones) if not mdef.filler[i]]
     bar = tqdm(total=len(STEPS), desc="make-graph", unit="step", disable=not progress,
                file=sys.stderr)  # fmt: skip
+    with bar:  # closed before an error is printed: the error is the last line
+        started: list[float] = []  # when each step began
 
-    started: list[float] = []  # when each step began
+        def step() -> None:
+            """Mark the running step done (if any) and show the next one."""
+            if started:
+                bar.update()
+            started.append(time.perf_counter())
+            bar.set_postfix_str(STEPS[len(started) - 1])
 
-    def step() -> None:
-        """Mark the running step done (if any) and show the next one."""
-        if started:
-            bar.update()
-        started.append(time.perf_counter())
-        bar.set_postfix_str(STEPS[len(started) - 1])
-
-    step()
-    prons = aligner_dictionary()
-    arpa = prepare_arpa(lm, lm_text, order, set(prons), vocab, work)
-    step()
-    lexicon = Lexicon.build(unigram_log10(arpa), prons, base_phones)
-    lexicon.write(work)
-    L = lexicon.fst(sil_prob)
-    step()
-    with _quiet_stderr():  # kaldilm logs every ARPA section it reads
-        kaldilm.arpa2fst(
-            str(arpa), str(work / "G.fst"), disambig_symbol="#0",
-            read_symbol_table=str(work / "words.txt"), max_arpa_warnings=0,
-        )  # fmt: skip
-    G = kaldifst.StdVectorFst.read(str(work / "G.fst"))
-    step()
-    LG = kaldifst.compose(L, G)
-    del L, G
-    kaldifst.determinize_star(LG, use_log=True)
-    kaldifst.minimize_encoded(LG)
-    kaldifst.arcsort(LG, sort_type="ilabel")
-    step()
-    CLG, ilabels = kaldifst.compose_context(lexicon.disambig_phone_ids, 3, 1, LG)
-    del LG
-    kaldifst.arcsort(CLG, sort_type="ilabel")
-    step()
-    H, backed_off = _make_h(ilabels, lexicon.phones, mdef, tmats)
-    step()
-    HCLG = kaldifst.compose(H, CLG)
-    del H, CLG
-    kaldifst.arcsort(HCLG, sort_type="ilabel")
-    step()
-    HCLG.write(str(work / "HCLG.fst"))
-    for name in ("G.fst", "G.arpa", "text.arpa", "en-us-dump.arpa"):
-        (work / name).unlink(missing_ok=True)
-    states = mdef.senone_states()
-    lines = (f"{s} {mdef.ciphones[p] if p >= 0 else '-'} {j}" for s, (p, j) in enumerate(states))
-    atomic_write_bytes(("\n".join(lines) + "\n").encode(), work / "senones.txt")
-    shutil.copyfile(data / "classes.txt", work / "classes.txt")
-    bar.update()
-    bar.close()
+        step()
+        prons = aligner_dictionary()
+        arpa = prepare_arpa(lm, lm_text, order, set(prons), vocab, work)
+        step()
+        lexicon = Lexicon.build(unigram_log10(arpa), prons, base_phones)
+        lexicon.write(work)
+        L = lexicon.fst(sil_prob)
+        step()
+        with _quiet_stderr():  # kaldilm logs every ARPA section it reads
+            kaldilm.arpa2fst(
+                str(arpa), str(work / "G.fst"), disambig_symbol="#0",
+                read_symbol_table=str(work / "words.txt"), max_arpa_warnings=0,
+            )  # fmt: skip
+        G = kaldifst.StdVectorFst.read(str(work / "G.fst"))
+        step()
+        LG = kaldifst.compose(L, G)
+        del L, G
+        kaldifst.determinize_star(LG, use_log=True)
+        kaldifst.minimize_encoded(LG)
+        kaldifst.arcsort(LG, sort_type="ilabel")
+        step()
+        CLG, ilabels = kaldifst.compose_context(lexicon.disambig_phone_ids, 3, 1, LG)
+        del LG
+        kaldifst.arcsort(CLG, sort_type="ilabel")
+        step()
+        H, backed_off = _make_h(ilabels, lexicon.phones, mdef, tmats)
+        step()
+        HCLG = kaldifst.compose(H, CLG)
+        del H, CLG
+        kaldifst.arcsort(HCLG, sort_type="ilabel")
+        step()
+        HCLG.write(str(work / "HCLG.fst"))
+        for name in ("G.fst", "G.arpa", "text.arpa", "en-us-dump.arpa"):
+            (work / name).unlink(missing_ok=True)
+        states = mdef.senone_states()
+        lines = (
+            f"{s} {mdef.ciphones[p] if p >= 0 else '-'} {j}" for s, (p, j) in enumerate(states)
+        )
+        atomic_write_bytes(("\n".join(lines) + "\n").encode(), work / "senones.txt")
+        shutil.copyfile(data / "classes.txt", work / "classes.txt")
+        bar.update()
     ends = [*started[1:], time.perf_counter()]
     return {
         "format": GRAPH_FORMAT,

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import kaldialign
 
+WER_KEYS = ("wer", "ins", "del", "sub", "words", "sentence_errors", "utts")  # what score returns
+
 
 def score(refs: Mapping[str, Sequence[str]], hyps: Mapping[str, Sequence[str]]) -> dict:
     """WER over the reference utterances; a missing hypothesis counts as empty (all deleted)."""

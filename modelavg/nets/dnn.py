@@ -106,3 +106,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     model = DNN(DNNSpec(**blob["spec"]))
     model.load_state_dict(blob["state_dict"])
     return model.to(device)
+
+
+@torch.no_grad()
+def utterance_log_probs(model: nn.Module, table, context: int) -> list[torch.Tensor]:
+    """Per-utterance (T x C) log posteriors of a ``FrameTable``, in table order: one splice per
+    utterance (for decoding and the phone error rate)."""
+    device = next(model.parameters()).device
+    model.eval()
+    out, lo = [], 0
+    for n in table.lengths:
+        idx = torch.arange(lo, lo + int(n))
+        out.append(torch.log_softmax(model(table.splice(idx, context).to(device)), 1).cpu())
+        lo += int(n)
+    return out

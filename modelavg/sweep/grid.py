@@ -3,7 +3,8 @@
 Top-level keys are ``train`` options (underscored), fixed for every cell; ``grid`` maps option
 names to lists of values (every combination is a cell; ``a+b: [[a1, b1], ...]`` varies two
 options together); ``time_model`` and ``accuracy_drop`` configure the speedup table
-(``modelavg.sweep.time_models``)::
+(``modelavg.sweep.time_models``); ``graph``, ``decode`` and ``acwt`` add a word error rate per
+cell (``modelavg.sweep.wer``)::
 
     data: data/demo/train
     cv: data/demo/cv
@@ -14,6 +15,8 @@ options together); ``time_model`` and ``accuracy_drop`` configure the speedup ta
       avg_every: [1, 10]
       optimizer+lr: [[sgd, 0.1], [ngsgd, 0.05]]
     time_model: [paper, paper-hardware]   # or measured, or {step_seconds: measured, ...}
+    graph: data/demo/lang_enus            # decode each cell's final.pt on data/demo/test
+    decode: data/demo/test
 
 Example::
 
@@ -36,8 +39,10 @@ import yaml
 from modelavg.config import config_fields, load_config
 from modelavg.errors import UsageError
 from modelavg.sweep.time_models import TimeModelSpec, time_model_specs
+from modelavg.sweep.wer import KEYS as WER_KEYS
+from modelavg.sweep.wer import WerSpec, wer_spec
 
-RESERVED = ("grid", "time_model", "accuracy_drop")
+RESERVED = ("grid", "time_model", "accuracy_drop", *WER_KEYS)
 SET_BY_SWEEP = ("out", "resume")
 RANDOM_INIT = ("random", "none")
 PAPER_DROP = 0.005  # the target: 1-worker accuracy minus this (absolute)
@@ -55,13 +60,14 @@ class Cell:
 @dataclass
 class Grid:
     """A checked grid file: fixed options, axes (option names, one value tuple per point), the
-    speedup settings and the cells."""
+    speedup settings, the decode settings (None: no WER) and the cells."""
 
     path: Path
     fixed: dict[str, Any]
     axes: list[tuple[tuple[str, ...], list[tuple]]]
     time_models: list[TimeModelSpec] = field(default_factory=lambda: [TimeModelSpec()])
     accuracy_drop: float = PAPER_DROP
+    wer: WerSpec | None = None
     cells: list[Cell] = field(default_factory=list)
 
     @property
@@ -99,7 +105,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     if not isinstance(drop, int | float) or not 0 <= drop < 1:
         raise UsageError(f"{path}: accuracy_drop must be a number in [0, 1), e.g. 0.005")
     specs = time_model_specs(raw.get("time_model"), path)
-    grid = Grid(path, fixed, axes, specs, float(drop))
+    grid = Grid(path, fixed, axes, specs, float(drop), wer_spec(raw, path))
     grid.cells = make_cells(grid)
     return grid
 

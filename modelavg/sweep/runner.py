@@ -38,6 +38,7 @@ from modelavg.sweep.plots import write_plots
 from modelavg.sweep.results import base_row, cell_result
 from modelavg.sweep.speedup import write_speedup
 from modelavg.sweep.tables import results_markdown, write_csv
+from modelavg.sweep.wer import CellDecoder
 
 IGNORED_IN_COMPARISON = ("progress",)  # may change between invocations without a rerun
 Log = Callable[[str], None]
@@ -59,12 +60,16 @@ def run_sweep(
     Finished cells are skipped; half-finished ones restart cleanly, or continue from their last
     checkpoint with ``resume``. A finished cell's checkpoints are deleted (final.pt stays) unless
     ``keep_checkpoints``: a full grid of paper-size models would not fit on disk. Writes
-    results.csv, results.md, the plots and speedup.md/.png.
+    results.csv, results.md, the plots and speedup.md/.png. With a graph in the grid, each
+    finished cell is then decoded (``modelavg.sweep.wer``) and its row gets a WER.
     """
     grid = load_grid(grid_path)
     out = Path(out_dir)
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    decoder = CellDecoder(grid.wer, jobs) if grid.wer is not None else None
+    if decoder is not None and not dry_run:
+        decoder.check()
     rows: list[dict] = []
     pending = []
     for i, cell in enumerate(grid.cells, 1):
@@ -99,6 +104,9 @@ def run_sweep(
     def run_one(job: tuple) -> tuple[int, dict]:
         position, cell, cell_dir, action, prefix = job
         row = execute(cell, cell_dir, action, prefix, say)
+        if row["status"] == "done" and decoder is not None:
+            row.update(decoder.cell_wer(cell_dir, cell.config.get("cv")))
+            say(f"{prefix} {decoder.spec.split} WER {100 * row['wer']:.2f}% (acwt {row['acwt']:g})")
         if row["status"] == "done" and not keep_checkpoints:
             shutil.rmtree(cell_dir / "checkpoints", ignore_errors=True)
         return position, row

@@ -17,6 +17,8 @@ from typing import Any
 from modelavg.io import atomic_write_bytes
 from modelavg.sweep.grid import Grid, format_option
 from modelavg.sweep.results import KEY_OPTIONS, group_key, grouped, label
+from modelavg.sweep.wer import COLUMNS as WER_COLUMNS
+from modelavg.sweep.wer import format_wer_cell
 
 RESULT_COLUMNS = (
     "cv_frame_accuracy",
@@ -46,7 +48,7 @@ def csv_value(value: Any) -> Any:
 def write_csv(grid: Grid, rows: list[dict], path: Path) -> None:
     """One line per cell: its options (the key ones and the grid's), status and measurements."""
     options = list(KEY_OPTIONS) + [n for n in grid.varying if n not in KEY_OPTIONS]
-    columns = ["cell", "status", *options, *RESULT_COLUMNS]
+    columns = ["cell", "status", *options, *RESULT_COLUMNS, *(WER_COLUMNS if grid.wer else ())]
     text = StringIO(newline="")
     writer = csv.DictWriter(text, columns, extrasaction="ignore")
     writer.writeheader()
@@ -59,6 +61,8 @@ def results_markdown(grid: Grid, rows: list[dict], plots: list[Path], speedup: s
     varying = grid.varying
     head = [*varying, "status", "CV acc", "CV loss", "epochs run", "frames/worker", "wall s"]
     head.append("avg %")
+    if grid.wer is not None:
+        head += [f"{grid.wer.split} WER (ins/del/sub)", "acwt"]
     lines = [
         f"# Sweep results: {grid.path.name}",
         "",
@@ -82,6 +86,8 @@ def results_markdown(grid: Grid, rows: list[dict], plots: list[Path], speedup: s
             ]
         else:
             cells += [r.get("error", "")[:80].replace("|", "/"), "", "", "", "", ""]
+        if grid.wer is not None:
+            cells += [format_wer_cell(r), f"{r['acwt']:g}" if r.get("acwt") else ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "CV accuracy per epoch (epoch 0 = initial model) is in results.csv.", ""]
     if any("workers" not in names for names, _ in grid.axes) and "workers" in varying:
