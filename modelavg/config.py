@@ -123,6 +123,13 @@ class RunOptions:
     checkpoint_every: int = opt(
         0, "also checkpoint every M averaging rounds (0 = epochs only)", group="run", low=0
     )
+    checkpoint_interval: float = opt(
+        0.0,
+        "also checkpoint once this much wall time has passed since the last checkpoint: 600s, "
+        "10m, 1h (0 = off): a preempted or killed job loses at most that much",
+        group="run",
+        parse=interval_seconds,
+    )
     keep_checkpoints: int = opt(
         2,
         "checkpoints kept in --out/checkpoints, newest first (0 = all); resume needs only the "
@@ -285,13 +292,6 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
         "(0: after each epoch only)",
         group="run",
         low=0,
-    )
-    checkpoint_interval: float = opt(
-        0.0,
-        "also checkpoint once this much wall time has passed since the last checkpoint: 600s, "
-        "10m, 1h (0 = off): a preempted or killed job loses at most that much",
-        group="run",
-        parse=interval_seconds,
     )
     noise_scale: bool = opt(
         False,

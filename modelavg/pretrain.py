@@ -50,6 +50,7 @@ from modelavg.engine import Engine, Progress
 from modelavg.errors import UsageError
 from modelavg.nets.dbn import DBN, LayerPlan, pretraining_plan, save_dbn
 from modelavg.nets.rbm import RBM, CD1Config, CD1Trainer
+from modelavg.preempt import Control
 from modelavg.pretrain_log import DBN_FILE, FEATURE_TRANSFORM, PretrainLog, Window
 from modelavg.workers import RBMWorker
 
@@ -137,6 +138,7 @@ class Run:
     plans: list[LayerPlan]
     log: PretrainLog
     stack: DBN  # finished layers: identical on every worker, one copy serves all local replicas
+    control: Control  # preemption signals and --checkpoint-interval, agreed on by all processes
     layer: int = 0  # index of the layer being trained
     epoch: int = 1  # epoch of that layer
     round: int = 0  # first round to run in that epoch (non-zero after a mid-epoch resume)
@@ -152,9 +154,16 @@ def pretrain(cfg: PretrainConfig, comm: Communicator, averager: Averager | None 
     """Train the DBN; returns the path of ``dbn.pt``. The main process writes everything in --out.
 
     ``averager`` (default ``ModelAverager(comm)``) syncs the replicas; pass a subclass to observe
-    the synchronisation points.
+    the synchronisation points. SIGTERM/SIGUSR1: a checkpoint after the current round, then
+    ``Preempted`` (exit 75).
     """
-    run = start(cfg, comm, averager or ModelAverager(comm))
+    with Control(comm, cfg.checkpoint_every, cfg.checkpoint_interval) as control:
+        return pretrain_stack(start(cfg, comm, averager or ModelAverager(comm), control))
+
+
+def pretrain_stack(run: Run) -> Path:
+    """The layers from the run's position on, then dbn.pt."""
+    cfg, comm = run.cfg, run.comm
     total = sum(p.epochs for p in run.plans) * run.data.rounds
     done = sum(p.epochs for p in run.plans[: run.layer]) + run.epoch - 1
     bar = Progress(
@@ -172,7 +181,7 @@ def pretrain(cfg: PretrainConfig, comm: Communicator, averager: Averager | None 
             save_dbn(Path(cfg.out) / DBN_FILE, run.stack, run.data.features.state())
             run.log.plot()
         run.layer, run.epoch, run.round = run.layer + 1, 1, 0
-        save_checkpoint(run, workers=[])
+        run.control.after_epoch(save_checkpoint(run, workers=[]))
     bar.close()
     run.log.close()
     comm.barrier()
@@ -181,14 +190,14 @@ def pretrain(cfg: PretrainConfig, comm: Communicator, averager: Averager | None 
     return Path(cfg.out) / DBN_FILE
 
 
-def start(cfg: PretrainConfig, comm: Communicator, averager: Averager) -> Run:
+def start(cfg: PretrainConfig, comm: Communicator, averager: Averager, control: Control) -> Run:
     data = load_pretrain_data(cfg, comm)
     engine = Engine(comm, averager, cfg.avg_every, cfg.minibatch, cfg.seed, cfg.buffer_frames)
     plans = pretraining_plan(
         data.features.spliced_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.rbm_iter
     )
     log = PretrainLog(Path(cfg.out), comm.is_main, plans, cfg.tensorboard)
-    run = Run(cfg, engine, data, plans, log, DBN())
+    run = Run(cfg, engine, data, plans, log, DBN(), control)
     if cfg.resume:
         with comm.one_voice():
             restore(run)
@@ -279,12 +288,14 @@ def train_layer(run: Run, plan: LayerPlan, workers: list[RBMWorker], bar: Progre
         if logs(round_):
             run.spread = replica_spread(run.comm, [w.module for w in workers])
 
+    def save(round_: int) -> str:
+        run.round = round_
+        return save_checkpoint(run, workers)
+
     def after_round(round_: int) -> None:
         if logs(round_):
             log_round(run, workers, plan, round_, bar)
-        if cfg.checkpoint_every and round_ % cfg.checkpoint_every == 0 and round_ < rounds:
-            run.round = round_
-            save_checkpoint(run, workers)
+        run.control.after_round(round_, rounds, save)
         bar.update()
 
     while run.epoch <= plan.epochs:
@@ -294,7 +305,7 @@ def train_layer(run: Run, plan: LayerPlan, workers: list[RBMWorker], bar: Progre
         engine.run_epoch(workers, epoch_key, rounds, start, after_round, before_sync)
         run.epoch, run.round = run.epoch + 1, 0
         if run.epoch <= plan.epochs:
-            save_checkpoint(run, workers)
+            run.control.after_epoch(save_checkpoint(run, workers))
     run.log.layer_end(plan, engine.timer.totals())
 
 
@@ -331,9 +342,10 @@ def stream_seed(seed: int, *keys: int) -> int:
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Run, workers: list[RBMWorker]) -> None:
+def save_checkpoint(run: Run, workers: list[RBMWorker]) -> str:
     """The finished layers, the position, and (inside a layer) its RBM and every worker's CD-1
-    state; at a layer boundary (no workers) the next layer's start is recomputed on resume."""
+    state; at a layer boundary (no workers) the next layer's start is recomputed on resume.
+    Returns the checkpoint's name."""
     shared = {
         "workers": run.comm.num_workers,
         "layer": run.layer,
@@ -350,6 +362,8 @@ def save_checkpoint(run: Run, workers: list[RBMWorker]) -> None:
     root = Path(run.cfg.out) / "checkpoints"
     name = ckpt.checkpoint_name(run.epoch, run.round, layer=run.layer + 1)
     ckpt.save(run.comm, root, name, shared, states, run.cfg.keep_checkpoints)
+    run.control.checkpointed()
+    return name
 
 
 def restore(run: Run) -> None:

@@ -118,3 +118,31 @@ def test_torchrun_restarts_a_killed_pretraining_and_it_continues(data_dir, ref, 
         _, err = agent.communicate()
     assert agent.returncode == 0, err
     assert_same_dbn(out / "dbn.pt", ref / "dbn.pt")
+
+
+def test_pretrain_sigterm_checkpoints_exits_75_and_resumes_to_the_identical_dbn(
+    data_dir, ref, tmp_path
+):
+    """SIGTERM inside the second RBM: the round ends, a checkpoint, exit 75, one line."""
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(
+        pretrain_cmd(data_dir, out, "--in-process", "--workers", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    log = out / "pretrain.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and '"kind": "round", "layer": 2' in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert err.startswith("modelavg: error: preempted (SIGTERM): wrote checkpoint l02-"), err
+    r = subprocess.run(
+        pretrain_cmd(data_dir, out, "--resume"), capture_output=True, text=True, env=env()
+    )
+    assert r.returncode == 0, r.stderr
+    assert_same_dbn(out / "dbn.pt", ref / "dbn.pt")
