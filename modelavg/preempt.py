@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -51,7 +52,8 @@ class Control:
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> Control:
-        self.previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        if threading.current_thread() is threading.main_thread():  # where Python runs handlers
+            self.previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
