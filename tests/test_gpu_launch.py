@@ -17,6 +17,7 @@ from modelavg.comm import mpi as mpi_mod
 from modelavg.comm.torchdist import TorchDistCommunicator
 from modelavg.errors import UsageError, WorkerLost
 from modelavg.launch import ProcessEnv, choose_backend, pick_device
+from modelavg.nets.rbm import RBM, CD1Trainer
 
 
 @pytest.fixture
@@ -173,3 +174,12 @@ def test_host_staging_reuses_one_buffer_per_shape(monkeypatch):
     big, small = torch.empty(1000, device="meta"), torch.empty(3, device="meta")
     assert comm._host(big) is comm._host(big) and comm._host(small).shape == (3,)
     assert comm._host(big).device.type == "cpu"
+
+
+def test_rbm_generator_state_from_a_gpu_checkpoint_is_restored_through_the_cpu():
+    trainer = CD1Trainer(RBM(6, 4, "gaussian"), seed=1)
+    saved = trainer.state_dict()
+    state = mock.Mock()
+    state.cpu.return_value = saved["rng_state"]
+    CD1Trainer(RBM(6, 4, "gaussian"), seed=2).load_state_dict({**saved, "rng_state": state})
+    state.cpu.assert_called_once()

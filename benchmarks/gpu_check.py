@@ -1,0 +1,275 @@
+"""The one-call GPU check (issue 23): environment, the CUDA tests, a correctness matrix, a sync
+audit and the paper network's throughput, into one JSON summary.
+
+A lent GPU machine gives 15 minutes in all, so this runs in one call, well under 8 minutes, with
+the torch found there and no network; each step runs in its own process under a time limit, so a
+crash or a hang (NCCL) costs that step only and the summary still comes back. ``--device cpu
+--quick`` runs the same code on a CPU in well under a minute (tests/test_gpu_check.py), so its
+bugs are found before any GPU time is spent.
+
+    scripts/gpu_check.sh [--device cuda] [--quick] [--out DIR]     # summary: DIR/summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# step: (seconds allowed on a GPU, what it runs); each in a child process
+STEPS = {"matrix": 200, "audit": 90, "speed": 200}
+CUDA_TESTS = ["tests/test_cuda.py", "tests/test_ngsgd.py", "tests/test_gpu_launch.py"]
+
+
+def environment() -> dict:
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cpus": os.cpu_count(),
+        "mpirun": shutil.which("mpirun"),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env |= {"gpus": torch.cuda.device_count(), "gpu": props.name}
+        env |= {"gpu_memory_gib": round(props.total_memory / 2**30, 1)}
+        env |= {"nccl": ".".join(map(str, torch.cuda.nccl.version()))}
+        env |= {"cublas_lt": torch.backends.cuda.preferred_blas_library().name}
+    try:
+        from mpi4py import MPI
+
+        env["mpi_query_cuda_support"] = hasattr(MPI, "Query_cuda_support")
+    except ImportError:
+        env["mpi4py"] = None
+    for module in ("kaldiio", "yaml", "tqdm", "numpy", "pytest"):
+        try:
+            __import__(module)
+        except ImportError:
+            env.setdefault("missing", []).append(module)
+    env["ok"] = "missing" not in env
+    return env
+
+
+def cuda_tests(device: str, timeout: float) -> dict:
+    if not device.startswith("cuda"):
+        return {"ok": True, "skipped": "--device cpu"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
+    env = {**os.environ, "MODELAVG_TEST_CUDA": "1"}
+    proc = subprocess.run(
+        [*cmd, *CUDA_TESTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    lines = proc.stdout.strip().splitlines()
+    failures = [x for x in lines if x.startswith(("FAILED", "ERROR"))]
+    return {"ok": proc.returncode == 0, "result": lines[-1] if lines else "", "failed": failures}
+
+
+# -- the steps that train (each in a child process) --------------------------------------------
+
+
+def learnable_data(work: Path, quick: bool) -> Path:
+    """Gaussian clusters in utterances (tests/conftest.py's), small in --quick."""
+    os.environ["MODELAVG_TEST_CUDA"] = "1"  # conftest hides GPUs otherwise
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_data_dir
+
+    if quick:
+        return make_data_dir(work / "learnable", utts=40, classes=4, dim=6)
+    return make_data_dir(work / "learnable", utts=400, classes=40, dim=40)
+
+
+def matrix_options(quick: bool) -> dict:
+    """A constant lr, so a run resumed with more epochs continues the same schedule."""
+    common = {"schedule": "constant", "lr": 0.1, "threads": 1 if quick else None}
+    if quick:
+        return {**common, "hidden_layers": 2, "hidden_dim": 32, "context": 1, "minibatch": 16}
+    return {**common, "hidden_layers": 2, "hidden_dim": 256, "context": 5, "minibatch": 256}
+
+
+def step_matrix(work: Path, device: str, quick: bool) -> dict:
+    from gpu_runs import matrix
+
+    options = {**matrix_options(quick), "avg_every": 4, "tensorboard": False}
+    return matrix(work, learnable_data(work, quick), device, options)
+
+
+def step_audit(work: Path, device: str, quick: bool) -> dict:
+    """Host reads (modelavg.audit) and, on CUDA, synchronising calls (sync debug mode) per step
+    and per round of one epoch, SGD and NG-SGD; then whether the steps run under
+    torch.use_deterministic_algorithms."""
+    import torch
+    from gpu_runs import flags, read_run, train_cli
+
+    from modelavg.audit import DeviceAudit
+
+    data = learnable_data(work, quick)
+    base = {**matrix_options(quick), "avg_every": 4, "workers": 2, "in_process": True}
+    base |= {"epochs": 1, "device": device, "log_every": 10**6, "tensorboard": False}
+    result: dict = {}
+    for opt in ("sgd", "ngsgd"):
+        out = work / f"audit_{opt}"
+        cuda = device.startswith("cuda")
+        with DeviceAudit() as audit, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            code = train_cli(out, data, *flags({**base, "optimizer": opt}))["code"]
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+        start = next(r for r in read_run(out)["records"] if r["kind"] == "start")
+        rounds = start["rounds_per_epoch"]
+        steps = rounds * base["avg_every"] * base["workers"]
+        syncs = Counter(site(w) for w in caught if "synchronizing" in str(w.message))
+        in_loop = sum(n for s, n in syncs.items() if "modelavg/engine" in s or "workers.py" in s)
+        reads = sum(audit.host_reads.values())
+        outside = ("modelavg/evaluate.py", "modelavg/data/", "modelavg/train.py")  # CV, set-up, log
+        loop_reads = sum(n for s, n in audit.host_reads.items() if not s.startswith(outside))
+        result[opt] = {
+            "ok": code == 0 and in_loop == 0,
+            "rounds": rounds,
+            "steps": steps,
+            "host_reads": reads,
+            "host_reads_per_round": reads / rounds,
+            "round_loop_host_reads": loop_reads,
+            "host_reads_top": dict(audit.host_reads.most_common(8)),
+            "cuda_syncs": sum(syncs.values()),
+            "cuda_syncs_per_step": sum(syncs.values()) / steps,
+            "cuda_syncs_in_the_step_loop": in_loop,
+            "cuda_syncs_top": dict(syncs.most_common(8)),
+        }
+    result["sgd"]["ok"] &= result["sgd"]["round_loop_host_reads"] <= result["sgd"]["rounds"]
+    result["determinism"] = determinism(work, data, base)
+    result["ok"] = result["sgd"]["ok"] and result["ngsgd"]["ok"]
+    return result
+
+
+def site(warning: warnings.WarningMessage) -> str:
+    path = Path(warning.filename)
+    return f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{warning.lineno}"
+
+
+def determinism(work: Path, data: Path, base: dict) -> dict:
+    """Which ops refuse torch.use_deterministic_algorithms (reported, not a failure)."""
+    import torch
+    from gpu_runs import flags, train_cli
+
+    found = {}
+    torch.use_deterministic_algorithms(True)
+    try:
+        for opt in ("sgd", "ngsgd"):
+            run = train_cli(work / f"det_{opt}", data, *flags({**base, "optimizer": opt}))
+            found[opt] = "ok" if run["code"] == 0 else f"exit {run['code']}"
+    except RuntimeError as exc:
+        found["error"] = str(exc).splitlines()[0][:300]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return found
+
+
+def step_speed(work: Path, device: str, quick: bool) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_engine import synthetic_data
+    from gpu_runs import PAPER_NET, QUICK_NET, micro, throughput
+
+    net = QUICK_NET if quick else PAPER_NET
+    frames = 4_000 if quick else 400_000
+    data = synthetic_data(work / "random", frames, classes=net["num_classes"])
+    result = {"throughput": throughput(work, data, device, quick), "micro": micro(device, quick)}
+    return {**result, "ok": result["throughput"]["ok"] and result["micro"]["ok"]}
+
+
+STEP_FUNCTIONS = {"matrix": step_matrix, "audit": step_audit, "speed": step_speed}
+
+
+def run_step(name: str, work: Path, device: str, quick: bool, timeout: float) -> dict:
+    """``name`` in a child process (this file with --step), its JSON result read back."""
+    result_file = work / f"{name}.json"
+    cmd = [sys.executable, __file__, "--step", name, "--device", device, "--out", str(work)]
+    env = {**os.environ}
+    if name == "audit":  # cuBLAS is deterministic only with a fixed workspace (set before CUDA)
+        env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    log = (work / f"{name}.log").open("w")
+    try:
+        code = subprocess.run(
+            [*cmd, *(["--quick"] if quick else [])],
+            stdout=log,
+            stderr=log,
+            env=env,
+            timeout=timeout,
+        ).returncode
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:g} s (see {name}.log)"}
+    if not result_file.exists():
+        return {"ok": False, "error": f"exit {code}, no result (see {name}.log)"}
+    return json.loads(result_file.read_text())
+
+
+def child(name: str, work: Path, device: str, quick: bool) -> int:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    step_dir = work / name
+    step_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = STEP_FUNCTIONS[name](step_dir, device, quick)
+    except Exception as exc:
+        tb = traceback.format_exc().strip().splitlines()[-6:]
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500], "traceback": tb}
+    (work / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes (the CPU dry run)")
+    parser.add_argument("--out", default=None, help="output dir (default: $OUT/gpu_check)")
+    parser.add_argument("--step", choices=tuple(STEP_FUNCTIONS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    work = Path(args.out or Path(os.environ.get("OUT", ".")) / "gpu_check")
+    work.mkdir(parents=True, exist_ok=True)
+    if args.step:
+        return child(args.step, work, args.device, args.quick)
+    scale = 0.5 if args.quick else 1.0
+    summary: dict = {"device": args.device, "quick": args.quick, "steps": {}}
+    t_start = time.perf_counter()
+    steps = [("env", lambda: environment()), ("cuda_tests", lambda: cuda_tests(args.device, 150))]
+    steps += [
+        (
+            name,
+            lambda name=name, limit=limit: run_step(
+                name, work, args.device, args.quick, limit / scale
+            ),
+        )
+        for name, limit in STEPS.items()
+    ]
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as exc:
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        summary["steps"][name] = result
+        result.setdefault("ok", False)
+        print(f"gpu_check: {name}: {'ok' if result['ok'] else 'FAILED'} ({result['seconds']} s)")
+        (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    summary["ok"] = all(step["ok"] for step in summary["steps"].values())
+    (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"gpu_check: {'ok' if summary['ok'] else 'FAILED'}; summary in {work / 'summary.json'}")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
