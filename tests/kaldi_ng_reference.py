@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from modelavg.optim.fisher import _COMPLETION_SEED
+from modelavg.optim.lowrank import _COMPLETION_SEED
 
 
 def _compute_et(d: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

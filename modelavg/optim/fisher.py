@@ -12,33 +12,53 @@ then folded into the estimate.
 2014, the code the paper ported to nnet1; ``"nnet3"``, ``OnlineNaturalGradient`` of
 src/nnet3/natural-gradient-online.cc.
 
-Precision: the N×D and R×D products run in float32 (float64 for float64 data); the R×R parts (Z,
-its eigendecomposition, d, ρ, the re-orthogonalisation) in float64 on the CPU.
+Precision and place: the N×D and R×D products run in float32 (float64 for float64 data) on the
+data's device; the R×R parts (Z, its eigendecomposition, d, ρ, the re-orthogonalisation) in
+float64 on the host (modelavg.optim.lowrank). An update fetches its R×R inputs in one copy, and
+``apply_updates`` does that for all of a step's updates at once: NG-SGD waits for the device at
+most once per step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from modelavg.optim import lowrank
+from modelavg.optim.lowrank import CPU64 as _CPU64
+from modelavg.optim.lowrank import special_orthonormal
 
 VARIANTS = ("nnet2", "nnet3")
 _DELTA = {"nnet2": 1.0e-5, "nnet3": 5.0e-4}  # floor on ρ relative to the largest eigenvalue
 _NUM_INITIAL_UPDATES = 10  # Kaldi updates on every one of the first calls, then periodically
 _NNET3_INIT_PASSES = 3  # nnet3: self-updates on the first minibatch (1 when N <= R)
 _NNET3_MAX_ETA = 0.9
-_NNET3_MAX_CHOLESKY_INVERSE = 100.0  # nnet3: larger entries of C⁻¹ mean Gram-Schmidt instead
-_CONDITION_THRESHOLD = 1.0e6  # re-orthogonalise when c_max > 1e6 · c_min
-_ORTHONORMAL_TOLERANCE = 1.0e-3  # ... and X Xᵀ is further than this from I
-_COMPLETION_SEED = 12345
-_CPU64 = {"device": "cpu", "dtype": torch.float64}
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (fp16, bf16, fp32) is processed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Staged(NamedTuple):
+    """An update waiting for ``apply_updates``: B = J + ((1-η)/(η/N))(D+ρ)W (R×D) and
+    [K = J Jᵀ, L = Hᵀ H, B Bᵀ, tr RᵀR] flattened, both still on the device; N."""
+
+    b: Tensor
+    small: Tensor
+    n: int
+
+
+class _Plan(NamedTuple):
+    """The host's half of an update: W_{t+1} = map·B (map R×R, float64 on the host);
+    ``fallback`` (E_{t+1}) when Kaldi's fallback re-orthogonalisation must follow."""
+
+    map: Tensor
+    fallback: Tensor | None
 
 
 class PreconditionParts(NamedTuple):
@@ -93,6 +113,7 @@ class OnlineNaturalGradient:
     def reset(self) -> None:
         """Forget the estimate: the next call re-initialises from its minibatch."""
         self._w: Tensor | None = None  # R×D, W = E^½ X, on the data's device
+        self._staged: _Staged | None = None  # an update waiting for apply_updates
         self._d = torch.zeros(self.rank, **_CPU64)  # diagonal of D_t
         self._rho = 0.0
         self._calls = 0  # non-empty minibatches seen (nnet3 schedules by this)
@@ -189,6 +210,7 @@ class OnlineNaturalGradient:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors are cloned, so the dict is a snapshot; restoring it continues bitwise."""
+        apply_updates([self])
         return {
             "dim": self.dim,
             "rank": self.rank,
@@ -210,6 +232,7 @@ class OnlineNaturalGradient:
         self._rho = float(state["rho"])
         self._d = state["d"].to(**_CPU64).clone()
         self._w = None if state["w"] is None else state["w"].clone()
+        self._staged = None
 
     # ----------------------------------------------------------------------------- public maths
     def precondition(self, x: Tensor) -> Tensor:
@@ -217,10 +240,13 @@ class OnlineNaturalGradient:
         parts = self.precondition_parts(x)
         return parts.p * parts.gamma
 
-    def precondition_parts(self, x: Tensor) -> PreconditionParts:
-        """(P, γ, row norms of P) from the current estimate; then the estimate is updated."""
+    def precondition_parts(self, x: Tensor, defer: bool = False) -> PreconditionParts:
+        """(P, γ, row norms of P) from the current estimate; then the estimate takes in x: at
+        once, or with ``defer`` at the caller's ``apply_updates`` (one device wait for all of a
+        step's preconditioners)."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected an N x {self.dim} matrix, got shape {tuple(x.shape)}")
+        apply_updates([self])  # a deferred update the caller did not apply
         r = x.detach().to(work_dtype(x.dtype))
         if r.shape[0] == 0 or self.rank == 0:
             self._calls += int(r.shape[0] > 0)
@@ -228,7 +254,7 @@ class OnlineNaturalGradient:
         rr = torch.linalg.vector_norm(r).square()
         if self._w is None:  # the variant's start from the first minibatch
             init = self._initialize_nnet3 if self.variant == "nnet3" else self._initialize_nnet2
-            init(r, float(rr))
+            init(r, rr)
         if self._w.device != r.device or self._w.dtype != r.dtype:  # e.g. after load_state_dict
             self._w = self._w.to(device=r.device, dtype=r.dtype)
         w = self._w
@@ -238,7 +264,9 @@ class OnlineNaturalGradient:
         pp = p_row_sq.sum()  # γ = sqrt(‖R‖²/‖P‖²) keeps the Frobenius norm; 1 when P = 0
         gamma = torch.where(pp > 0, (rr / pp.clamp_min(torch.finfo(pp.dtype).tiny)).sqrt(), 1.0)
         if self._should_update():
-            self._update(r, h, float(rr))
+            self._stage(r, h, rr)
+            if not defer:
+                apply_updates([self])
             self._updates += 1
             self._skipped = 0
         else:
@@ -255,146 +283,112 @@ class OnlineNaturalGradient:
         return self._updates < _NUM_INITIAL_UPDATES or self._skipped >= self.update_period - 1
 
     # ----------------------------------------------------------------------------- internals
-    def _initialize_nnet2(self, r: Tensor, rr: float) -> None:
+    def _initialize_nnet2(self, r: Tensor, rr: Tensor) -> None:
         """X_0 = top-R eigenvectors of R_0ᵀR_0/N (eigenvalues L), ρ_0 = (tr/N - ΣL)/(D-R).
 
-        ρ_0 is floored at max(ε, δ·max L), then d_0 = L - ρ_0 at ε.  When N < R the missing rows
-        are a seeded orthonormal completion with eigenvalue 0 (Kaldi's are random).
+        ρ_0 is floored at max(ε, δ·max L), then d_0 = L - ρ_0 at ε.  When R_0 has fewer than R
+        independent rows the missing ones are a seeded orthonormal completion with eigenvalue 0
+        (Kaldi's are random).  The eigenvectors come from the smaller Gram matrix (``top_rows``).
         """
         n, dim, rank = r.shape[0], self.dim, self.rank
-        _, s, vh = torch.linalg.svd(r.to(**_CPU64), full_matrices=False)  # s descending
-        k = min(rank, s.numel())
-        x, ev = vh[:k], s[:k].square() / n
-        if k < rank:
-            x = torch.cat([x, orthonormal_completion(x, rank - k)])
-            ev = torch.cat([ev, torch.zeros(rank - k, **_CPU64)])
-        rho = (rr / n - float(ev.sum())) / (dim - rank)
+        x, ev = lowrank.top_rows(r, min(rank, n, dim))
+        ev = ev / n
+        if ev.numel() < rank:
+            x = torch.cat([x, lowrank.orthonormal_completion(x, rank - ev.numel()).to(x)])
+            ev = torch.cat([ev, torch.zeros(rank - ev.numel(), **_CPU64)])
+        rho = (float(rr) / n - float(ev.sum())) / (dim - rank)
         rho = max(rho, self.epsilon, self.delta * float(ev.max()))
         d = (ev - rho).clamp_min(self.epsilon)
         self._set_basis(x, d, rho, r)
 
-    def _initialize_nnet3(self, r: Tensor, rr: float) -> None:
+    def _initialize_nnet3(self, r: Tensor, rr: Tensor) -> None:
         """nnet3's InitDefault (ρ = d = ε, X = ``special_orthonormal``), then self-updates on
         the first minibatch: three, or one when N <= R (one already spans its rows)."""
         x = special_orthonormal(self.rank, self.dim)
         self._set_basis(x, torch.full((self.rank,), self.epsilon, **_CPU64), self.epsilon, r)
         for _ in range(1 if r.shape[0] <= self.rank else _NNET3_INIT_PASSES):
-            self._update(r, r @ self._w.T, rr)
+            self._stage(r, r @ self._w.T, rr)
+            apply_updates([self])
 
     def _set_basis(self, x: Tensor, d: Tensor, rho: float, like: Tensor) -> None:
         e = self._e(d, self._beta(d, rho))
         self._d, self._rho = d, rho
-        self._w = (e.sqrt()[:, None] * x).to(like)
+        self._w = (e.sqrt().to(x)[:, None] * x).to(like)
 
-    def _update(self, r: Tensor, h: Tensor, rr: float) -> None:
+    def _stage(self, r: Tensor, h: Tensor, rr: Tensor) -> None:
+        """The device's half of an update: B = J + ((1-η)/(η/N))(D_t+ρ_t)W_t with J = Hᵀ R (the
+        factor is known on the host already), and the R×R products the host needs."""
+        w, n = self._w, r.shape[0]
+        eta = self._eta(n)
+        coef = ((1.0 - eta) / (eta / n) * (self._d + self._rho)).to(w, non_blocking=True)
+        j = h.T @ r  # R×D
+        b = torch.addcmul(j, coef[:, None], w)
+        b64 = b.to(torch.float64)  # W_{t+1} = A B can cancel: its Gram matrix and product in fp64
+        small = [(j @ j.T).double(), (h.T @ h).double(), b64 @ b64.T, rr.reshape(1).double()]
+        self._staged = _Staged(b, torch.cat([t.reshape(-1) for t in small]), n)
+
+    def _plan(self, k: Tensor, el: Tensor, bb: Tensor, rr: float, n: int) -> _Plan:
         """Fold R_t into the estimate: F_{t+1} = (1-η)F_t + (η/N)RᵀR, projected to rank R.
 
         Y = X_t F_{t+1} = (η/N) E^{-½} J + (1-η)(D+ρI) X_t with J = Hᵀ R; its Gram matrix
         Z = Y Yᵀ = U C Uᵀ gives X_{t+1} = C^{-½} Uᵀ Y and the new eigenvalues √c.  As in both
         Kaldi versions d_{t+1} = √c - ρ_{t+1} takes ρ_{t+1} before its floor.  tr(RᵀR) is passed
-        in (nnet2 recovers it from P; the same number).
+        in (nnet2 recovers it from P; the same number).  Sets d and ρ; returns how W changes.
         """
-        w = self._w
-        n, dim, rank = r.shape[0], self.dim, self.rank
+        n_dim, rank = self.dim, self.rank
         eta = self._eta(n)
         a = eta / n
         d, rho = self._d, self._rho
         e = self._e(d, self._beta(d, rho))
-        j = h.T @ r  # R×D
-        k = (j @ j.T).to(**_CPU64)
-        el = (h.T @ h).to(**_CPU64)
-        c, u = _eig_desc(_z_matrix(k, el, d, rho, e, eta, a))
-        reorth = not float(c[-1]) > 0.0 or float(c[0]) > _CONDITION_THRESHOLD * float(c[-1])
+        c, u = lowrank.eig_desc(lowrank.z_matrix(k, el, d, rho, e, eta, a))
+        reorth = lowrank.needs_reorthogonalizing(c)
         c_floor = (rho * (1.0 - eta)) ** 2
         if bool((c < c_floor).any()):
             c, reorth = c.clamp_min(c_floor), True
         sqrt_c = c.sqrt()
-        rho_new = (a * rr + (1.0 - eta) * (dim * rho + float(d.sum())) - float(sqrt_c.sum())) / (
-            dim - rank
+        rho_new = (a * rr + (1.0 - eta) * (n_dim * rho + float(d.sum())) - float(sqrt_c.sum())) / (
+            n_dim - rank
         )
         floor = max(self.epsilon, self.delta * float(sqrt_c.max()))
         d_new = (sqrt_c - rho_new).clamp_min(floor if self.variant == "nnet3" else self.epsilon)
         rho_new = max(rho_new, floor)
         e_new = self._e(d_new, self._beta(d_new, rho_new))
-        # W_{t+1} = A B, A = (η/N) E_{t+1}^½ C^{-½} Uᵀ E_t^{-½}, B = J + ((1-η)/(η/N)) (D_t+ρ_t) W_t
+        # W_{t+1} = A B, A = (η/N) E_{t+1}^½ C^{-½} Uᵀ E_t^{-½}; W_{t+1} W_{t+1}ᵀ = A B Bᵀ Aᵀ
         a_mat = a * (e_new.sqrt() * c.rsqrt())[:, None] * u.T * e.rsqrt()[None, :]
-        b_mat = torch.addcmul(j, ((1.0 - eta) / a * (d + rho)).to(w)[:, None], w)
-        w_new = a_mat.to(w) @ b_mat
-        if reorth:
-            w_new = _reorthogonalize(w_new, e_new, self.variant)
-        self._w, self._d, self._rho = w_new, d_new, rho_new
+        self._d, self._rho = d_new, rho_new
+        if not reorth:
+            return _Plan(a_mat, None)
+        fix = lowrank.reorthogonalizing_map(a_mat @ bb @ a_mat.T, e_new, self.variant)
+        return _Plan(a_mat, e_new) if fix is None else _Plan(fix @ a_mat, None)
+
+    def _apply(self, plan: _Plan, map_: Tensor) -> None:
+        """W_{t+1} = map·B on the device (map already there)."""
+        b = self._staged.b
+        w_new = (map_ @ b.to(torch.float64)).to(b.dtype)
+        if plan.fallback is not None:  # rare: Kaldi's fallback needs W_{t+1} on the host
+            w_new = lowrank.fallback_rows(w_new, plan.fallback, self.variant).to(w_new)
+        self._w, self._staged = w_new, None
 
 
-def _z_matrix(
-    k: Tensor, el: Tensor, d: Tensor, rho: float, e: Tensor, eta: float, a: float
-) -> Tensor:
-    """Z = a² E^{-½}KE^{-½} + a(1-η)[E^{-½}LE^{-½}(D+ρ) + (D+ρ)E^{-½}LE^{-½}] + (1-η)²(D+ρ)².
-
-    a = η/N; everything R×R in float64.
-    """
-    s = e.rsqrt()
-    k_s = s[:, None] * k * s[None, :]
-    l_s = s[:, None] * el * s[None, :]
-    dr = d + rho
-    z = a * a * k_s + a * (1.0 - eta) * (l_s * dr[None, :] + dr[:, None] * l_s)
-    z = z + torch.diag((1.0 - eta) ** 2 * dr * dr)
-    return 0.5 * (z + z.T)
-
-
-def _eig_desc(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of symmetric z (float64, CPU), eigenvalues descending.
-
-    Like nnet3, z is divided by max(1, tr z) first so the solver sees O(1) numbers.
-    """
-    scale = max(1.0, float(z.trace()))
-    c, u = torch.linalg.eigh(z / scale)
-    return c.flip(0) * scale, u.flip(1)
-
-
-def _reorthogonalize(w: Tensor, e: Tensor, variant: str) -> Tensor:
-    """Restore orthonormal rows of X = E^{-½}W: O = X Xᵀ = C Cᵀ (Cholesky), W ← E^½ C⁻¹ E^{-½} W.
-
-    Where that fails nnet2 restarts from X = [I 0]; nnet3 (also when C⁻¹ has an entry >= 100)
-    orthonormalises the rows of W by Gram-Schmidt.
-    """
-    s = e.rsqrt()
-    o = s[:, None] * (w @ w.T).to(**_CPU64) * s[None, :]
-    eye = torch.eye(o.shape[0], **_CPU64)
-    if float((o - eye).abs().max()) <= _ORTHONORMAL_TOLERANCE:
-        return w
-    chol, info = torch.linalg.cholesky_ex(o)
-    c_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-    ok = int(info) == 0 and bool(torch.isfinite(c_inv).all())
-    if variant == "nnet3" and not float(c_inv.max()) < _NNET3_MAX_CHOLESKY_INVERSE:
-        ok = False
-    if ok:
-        return (e.sqrt()[:, None] * c_inv * s[None, :]).to(w) @ w
-    if variant == "nnet3":
-        q, upper = torch.linalg.qr(w.to(**_CPU64).T)  # Gram-Schmidt: R's diagonal positive
-        x = (q * torch.sign(torch.diagonal(upper))[None, :]).T
-    else:
-        x = torch.zeros(w.shape, **_CPU64)
-        x[:, : w.shape[0]] = eye
-    return (e.sqrt()[:, None] * x).to(w)
-
-
-def orthonormal_completion(x: Tensor, m: int) -> Tensor:
-    """m orthonormal rows orthogonal to the rows of x (float64), from a fixed-seed Gaussian."""
-    g = torch.Generator().manual_seed(_COMPLETION_SEED)
-    v = torch.randn(x.shape[1], m, generator=g, **_CPU64)
-    v = v - x.T @ (x @ v)
-    q, _ = torch.linalg.qr(v)
-    q = q - x.T @ (x @ q)  # second Gram-Schmidt pass for accuracy
-    q, _ = torch.linalg.qr(q)
-    return q.T
-
-
-def special_orthonormal(rank: int, dim: int) -> Tensor:
-    """nnet3's InitOrthonormalSpecial: row i has entries in columns i, i+R, i+2R, ..., the first
-    1.1 and the rest 1, normalised; disjoint columns make the rows orthonormal, and the 1.1
-    keeps no weighted sum of them constant."""
-    x = torch.zeros(rank, dim, **_CPU64)
-    for i in range(rank):
-        x[i, i::rank] = 1.0
-        x[i, i] = 1.1
-    return x / x.norm(dim=1, keepdim=True)
+def apply_updates(preconditioners: Iterable[OnlineNaturalGradient]) -> None:
+    """Fold every staged minibatch into its estimate: one device-to-host copy for all of them
+    (the only wait for the device), the R×R work on the host, one host-to-device copy back."""
+    staged = [pre for pre in preconditioners if pre._staged is not None]
+    if not staged:
+        return
+    host = torch.cat([pre._staged.small for pre in staged]).cpu()
+    plans, offset = [], 0
+    for pre in staged:
+        size = pre.rank * pre.rank
+        k, el, bb = host[offset : offset + 3 * size].view(3, pre.rank, pre.rank)
+        rr = float(host[offset + 3 * size])
+        plans.append(pre._plan(k, el, bb, rr, pre._staged.n))
+        offset += 3 * size + 1
+    w = staged[0]._w
+    back = torch.cat([plan.map.reshape(-1) for plan in plans])
+    back = back.to(device=w.device, non_blocking=True)
+    offset = 0
+    for pre, plan in zip(staged, plans, strict=True):
+        size = pre.rank * pre.rank
+        pre._apply(plan, back[offset : offset + size].view(pre.rank, pre.rank))
+        offset += size

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from modelavg.optim.fisher import VARIANTS, OnlineNaturalGradient, work_dtype
+from modelavg.optim.fisher import VARIANTS, OnlineNaturalGradient, apply_updates, work_dtype
 
 
 @dataclass
@@ -286,6 +286,8 @@ class NGSGD(torch.optim.Optimizer):
                     self._linear_step(layer, lr, momentum)
                 elif p.grad is not None and id(p) not in self._biases:
                     self._sgd(p, p.grad, lr, momentum)
+        # every layer's estimate update at once: the step's one wait for the device
+        apply_updates(pre for layer in self._layers for pre in (layer.pre_in, layer.pre_out))
         for layer in self._layers:
             layer.capture = None
         return loss
@@ -327,8 +329,8 @@ class NGSGD(torch.optim.Optimizer):
         if bias is not None:
             x = torch.cat([x, x.new_ones(n, 1)], dim=1)  # x̃ = [x, 1]
         if self.precondition:
-            p_in, g_in, in_sq = layer.pre_in.precondition_parts(x)
-            p_out, g_out, out_sq = layer.pre_out.precondition_parts(delta)
+            p_in, g_in, in_sq = layer.pre_in.precondition_parts(x, defer=True)
+            p_out, g_out, out_sq = layer.pre_out.precondition_parts(delta, defer=True)
             s = g_in * g_out
         else:
             p_in, p_out, s = x, delta, x.new_ones(())
