@@ -3,20 +3,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SMALL
+from slurm_cluster import Unavailable, one_node_cluster, which
 
 from modelavg.averaging import BlockMomentumAverager, ModelAverager
 from modelavg.averaging.base import flatten
@@ -24,6 +24,7 @@ from modelavg.cli import main
 from modelavg.comm import InProcessCommunicator
 from modelavg.errors import Preempted, UsageError
 from modelavg.io import read_jsonl
+from modelavg.launch import free_port
 from modelavg.nets.dnn import DNN, DNNSpec
 from modelavg.preempt import interval_seconds
 
@@ -232,12 +233,6 @@ def test_worker_killed_of_four_resumes_on_three(data_dir, tmp_path):
     assert [e["epoch"] for e in kinds(out, "epoch")] == [0, 1, 2, 3]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_elastic_job_loses_a_node_and_finishes_on_the_survivor(data_dir, tmp_path):
     """Two torchrun agents (--nnodes 1:2, one process each) rendezvous over c10d on the
@@ -283,113 +278,15 @@ def test_torchrun_elastic_job_loses_a_node_and_finishes_on_the_survivor(data_dir
 
 # -- real Slurm on this machine ---------------------------------------------------------------
 
-SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "srun", "squeue", "scancel", "sinfo")
-
-
-def which(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
-
-
-def start_daemon(cmd: list[str], pid_file: Path, log: Path) -> int:
-    """Run a forking daemon; its pid once it has written its pid file."""
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    deadline = time.monotonic() + 15
-    while not pid_file.exists() or not pid_file.read_text().strip():
-        if r.returncode or time.monotonic() > deadline:
-            text = log.read_text()[-2000:] if log.exists() else ""
-            pytest.skip(f"{cmd[0]} did not start (exit {r.returncode}): {r.stderr} {text}")
-        time.sleep(0.05)
-    return int(pid_file.read_text())
-
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory) -> dict:
-    """A one-node Slurm cluster (slurmctld, slurmd, munge auth) private to this test: its own
-    munged socket, ports, state and spool directories; stopped afterwards. Returns the
-    environment for srun/scancel (SLURM_CONF)."""
-    missing = [b for b in SLURM_BINARIES if which(b) is None]
-    if missing:
-        pytest.skip(
-            f"Slurm not installed ({', '.join(missing)} missing): "
-            "apt-get install -y slurm-wlm munge"
-        )
-    if os.geteuid() != 0:
-        pytest.skip("starting slurmctld and slurmd for a test needs root")
-    d = tmp_path_factory.mktemp("slurm")
-    d.chmod(0o700)
-    key = d / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o400)
-    pids = []
+def slurm(tmp_path_factory) -> Iterator[dict]:
+    """A one-node Slurm cluster private to these tests; the environment for its commands."""
     try:
-        munged = [which("munged"), "--force", f"--socket={d}/munge.sock", f"--key-file={key}"]
-        munged += [
-            f"--log-file={d}/munged.log",
-            f"--pid-file={d}/munged.pid",
-            f"--seed-file={d}/seed",
-        ]
-        pids.append(start_daemon(munged, d / "munged.pid", d / "munged.log"))
-        host = socket.gethostname()
-        try:  # srun's workers meet at the first host of the node list
-            socket.gethostbyname(host)
-        except OSError:
-            pytest.skip(f"this machine's name {host} does not resolve (add it to /etc/hosts)")
-        conf = d / "slurm.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    "ClusterName=modelavg",
-                    f"SlurmctldHost={host}(127.0.0.1)",
-                    f"SlurmctldPort={free_port()}",
-                    f"SlurmdPort={free_port()}",
-                    "AuthType=auth/munge",
-                    f"AuthInfo=socket={d}/munge.sock",
-                    "SlurmUser=root",
-                    "SlurmdUser=root",
-                    f"StateSaveLocation={d}/state",
-                    f"SlurmdSpoolDir={d}/spool",
-                    f"SlurmctldPidFile={d}/slurmctld.pid",
-                    f"SlurmdPidFile={d}/slurmd.pid",
-                    f"SlurmctldLogFile={d}/slurmctld.log",
-                    f"SlurmdLogFile={d}/slurmd.log",
-                    "ProctrackType=proctrack/linuxproc",  # no cgroups needed (containers)
-                    "TaskPlugin=task/none",
-                    "JobAcctGatherType=jobacct_gather/none",
-                    "SchedulerType=sched/builtin",
-                    "SelectType=select/cons_tres",
-                    "SelectTypeParameters=CR_CPU",
-                    "MpiDefault=none",
-                    "ReturnToService=2",
-                    f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN",
-                    f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP "
-                    "OverSubscribe=FORCE:4",
-                ]
-            )
-            + "\n"
-        )
-        (d / "state").mkdir()
-        (d / "spool").mkdir()
-        for daemon in ("slurmctld", "slurmd"):
-            pid_file, log = d / f"{daemon}.pid", d / f"{daemon}.log"
-            pids.append(start_daemon([which(daemon), "-f", str(conf)], pid_file, log))
-        slurm_env = {**env(), "SLURM_CONF": str(conf)}
-        deadline = time.monotonic() + 30
-        while (
-            "idle"
-            not in subprocess.run(
-                [which("sinfo"), "-h", "-o", "%t"], capture_output=True, text=True, env=slurm_env
-            ).stdout
-        ):
-            if time.monotonic() > deadline:
-                pytest.skip(
-                    f"the Slurm node did not come up: {(d / 'slurmd.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.2)
-        yield slurm_env
-    finally:
-        for pid in reversed(pids):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        with one_node_cluster(tmp_path_factory.mktemp("slurm"), env()) as cluster_env:
+            yield cluster_env
+    except Unavailable as why:
+        pytest.skip(f"no Slurm cluster here: {why}")
 
 
 @pytest.mark.slow
@@ -417,5 +314,53 @@ def test_srun_job_preempted_by_scancel_resumes_bitwise(data_dir, uninterrupted, 
         [*srun, *cmd[:4], "--resume", "--out", str(out)], capture_output=True, text=True, env=slurm
     )
     assert resumed.returncode == 0, resumed.stderr
+    assert same_model(out, uninterrupted)
+    assert [e["epoch"] for e in kinds(out, "epoch")] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sbatch_example_requeues_itself_and_resumes(data_dir, uninterrupted, slurm, tmp_path):
+    """docs/slurm/train.sbatch as a user submits it: SIGTERM to its steps mid-epoch, srun
+    exits 75, the script requeues the job, the requeued job resumes and ends bitwise equal to
+    the uninterrupted run. (Slurm delays a requeued job by about 2 minutes; the test lifts it.)"""
+    out = tmp_path / "sbatch"
+    script = Path(__file__).resolve().parent.parent / "docs" / "slurm" / "train.sbatch"
+    cmd = train_cmd(data_dir, out, *PREEMPT)
+    path = f"{Path(sys.executable).parent}:{slurm['PATH']}"  # the venv's modelavg for srun
+    job_env = {**slurm, "PATH": path, "DATA": str(data_dir), "OUT": str(out)}
+    log = tmp_path / "slurm.log"
+    sbatch = [which("sbatch"), "--parsable", "--nodes=1", "--ntasks-per-node=2"]
+    sbatch += ["--cpus-per-task=1", f"--output={log}", "--export=ALL"]
+    options = cmd[cmd.index("--out") + 2 :]
+    submitted = subprocess.run(
+        [*sbatch, str(script), *options], capture_output=True, text=True, env=job_env, check=True
+    )
+    job_id = submitted.stdout.strip()
+
+    def state() -> str:
+        squeue = [which("squeue"), "-h", "-j", job_id, "-o", "%T"]
+        return subprocess.run(squeue, capture_output=True, text=True, env=slurm).stdout.strip()
+
+    def until(ready, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert time.monotonic() < deadline, log.read_text() if log.exists() else state()
+            time.sleep(0.1)
+
+    until(lambda: round_lines(out, 2))
+    subprocess.run([which("scancel"), "--signal=TERM", job_id], check=True, env=slurm)
+    until(lambda: state() == "PENDING")  # requeued by the script
+    scontrol = [which("scontrol"), "update", f"JobId={job_id}", "StartTime=now"]
+    subprocess.run(scontrol, check=True, env=slurm)
+    show = [which("scontrol"), "show", "job", job_id]
+    until(
+        lambda: (
+            "JobState=COMPLETED"
+            in subprocess.run(show, capture_output=True, text=True, env=slurm).stdout
+        )
+    )
+    text = log.read_text()
+    assert "preempted (SIGTERM): wrote checkpoint e002-" in text, text
+    assert "Exited with exit code 75" in text, text
     assert same_model(out, uninterrupted)
     assert [e["epoch"] for e in kinds(out, "epoch")] == [0, 1, 2, 3]
