@@ -75,10 +75,12 @@ def call_site() -> str | None:
 class DeviceAudit(TorchFunctionMode):
     """Counts, per modelavg call site, factories without ``device=`` (``implicit_device``),
     transfers (``transfers``: ``.to(device)``, ``.cpu()``, ``.cuda()``) and host reads
-    (``host_reads``). Calls made outside modelavg (the test's own) are not counted."""
+    (``host_reads``). Calls made outside modelavg (the test's own) are not counted. Given a GPU
+    ``device``, only reads of tensors on it count (reads of host tensors do not wait)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__()
+        self.device = torch.device(device)
         self.implicit_device: Counter[str] = Counter()
         self.transfers: Counter[str] = Counter()
         self.host_reads: Counter[str] = Counter()
@@ -88,13 +90,16 @@ class DeviceAudit(TorchFunctionMode):
         counter = None
         if func in FACTORIES and kwargs.get("device") is None:
             counter = self.implicit_device
-        elif func in HOST_READS:
+        elif func in HOST_READS and self._on_device(args[0]):
             counter = self.host_reads
         elif func in TRANSFERS and (func is not Tensor.to or _names_a_device(args, kwargs)):
             counter = self.transfers
         if counter is not None and (site := call_site()) is not None:
             counter[site] += 1
         return func(*args, **kwargs)
+
+    def _on_device(self, tensor: Tensor) -> bool:
+        return self.device.type == "cpu" or tensor.device.type == self.device.type
 
     def reset(self) -> None:
         for counter in (self.implicit_device, self.transfers, self.host_reads):
