@@ -54,6 +54,8 @@ class Control:
     def __enter__(self) -> Control:
         if threading.current_thread() is threading.main_thread():  # where Python runs handlers
             self.previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+            for s in SIGNALS:  # a blocking call in gloo or MPI resumes instead of failing (EINTR)
+                signal.siginterrupt(s, False)
         return self
 
     def __exit__(self, *exc: object) -> None:
