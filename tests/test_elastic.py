@@ -196,6 +196,30 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(
 
 
 @pytest.mark.slow
+def test_mpirun_passes_sigusr1_on_and_the_job_checkpoints(data_dir, uninterrupted, tmp_path):
+    """OpenMPI's mpirun forwards SIGUSR1 to every rank (not SIGTERM: it ends the job its own
+    way), so under mpirun preemption is SIGUSR1 (sbatch --signal=USR1@120)."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("OpenMPI not installed (apt-get install -y openmpi-bin libopenmpi-dev)")
+    mpi_env = {**env(), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    out = tmp_path / "mpirun"
+    cmd = [mpirun, "--oversubscribe", "-np", "2", *train_cmd(data_dir, out, *PREEMPT)]
+    job = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env
+    )
+    wait_for(job, lambda: round_lines(out, 2))
+    job.send_signal(signal.SIGUSR1)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == PREEMPTED, err
+    assert "modelavg: error: preempted (SIGUSR1): wrote checkpoint e002-" in err, err
+    resume = [*cmd[:8], "--resume", "--out", str(out)]  # mpirun ... python -m modelavg train
+    r = subprocess.run(resume, capture_output=True, text=True, env=mpi_env)
+    assert r.returncode == 0, r.stderr
+    assert same_model(out, uninterrupted)
+
+
+@pytest.mark.slow
 def test_worker_killed_of_four_resumes_on_three(data_dir, tmp_path):
     """4 worker processes, one SIGKILLed; --resume --workers 3 finishes within 1 point of 3
     in-process workers resumed from the same checkpoint (not bitwise: gloo sums 3 processes'
