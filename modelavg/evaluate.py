@@ -200,8 +200,12 @@ def run(args: argparse.Namespace) -> int:
     train_dir = args.train_data
     if train_dir is None and class_map is not None and (data.parent / "train").is_dir():
         train_dir = data.parent / "train"
-    if args.graph is not None and not (data / "text").is_file():
-        raise UsageError(f"{data}/text: no such file (--graph scores the words against it)")
+    if args.graph is not None:
+        from modelavg.decoding.graph import load_graph
+
+        load_graph(args.graph, need_fst=False)  # a bad graph fails before the frame evaluation
+        if not (data / "text").is_file():
+            raise UsageError(f"{data}/text: no such file (--graph scores the words against it)")
     result = evaluate_data_dir(
         load_model(args.model), data, args.feats, args.targets, class_map, train_dir
     )
