@@ -50,8 +50,14 @@ class DivergenceGuard:
 
     @torch.no_grad()
     def healthy(self, models: list[nn.Module]) -> bool:
+        return not bool(self.diverged(models))
+
+    @torch.no_grad()
+    def diverged(self, models: list[nn.Module]) -> torch.Tensor:
+        """1.0 when the parameters hold a NaN/Inf, else 0.0, on their device (not read here: the
+        trainer reads it with the round's other flags, one wait for the GPU per round)."""
         # a sum is NaN/Inf iff an element is (or it overflows float32: worth a rollback too)
-        return bool(torch.isfinite(flatten(models[0]).sum()))
+        return (~torch.isfinite(flatten(models[0]).sum())).double()
 
     @torch.no_grad()
     def roll_back(

@@ -69,27 +69,37 @@ class Control:
         """A checkpoint was just written: the interval starts again."""
         self.last = time.monotonic()
 
-    def poll(self) -> tuple[bool, bool]:
-        """(stop, checkpoint due), equal on every process: one tiny allreduce per call when the
-        job has several processes, none otherwise."""
+    def poll(self, flag: torch.Tensor | None = None) -> tuple[bool, bool, bool]:
+        """(stop, checkpoint due, ``flag`` set), equal on every process: one tiny allreduce per
+        call when the job has several processes, none otherwise. ``flag`` (a 0-dim device
+        tensor, the same on every process) rides along, so the round reads the device once."""
         elapsed = time.monotonic() - self.last
         due = self.comm.is_main and 0 < self.interval_s <= elapsed
         if self.comm.num_processes == 1:  # nothing to agree on: no device round trip (a GPU wait)
-            return self.signal is not None, due
+            return self.signal is not None, due, flag is not None and bool(flag)
         flags = torch.tensor(
-            [float(self.signal is not None), float(due)],
+            [float(self.signal is not None), float(due), 0.0],
             dtype=torch.float64,
             device=self.comm.device,
         )
+        if flag is not None:
+            flags[2] = flag
         others = [torch.zeros_like(flags)] * (self.comm.local_workers - 1)
-        stop, due = (bool(x) for x in self.comm.sum_stats([flags, *others]).tolist())
-        return stop, due
+        stop, due, flagged = (bool(x) for x in self.comm.sum_stats([flags, *others]).tolist())
+        return stop, due, flagged
 
-    def after_round(self, round_: int, rounds: int, save: Callable[[int], str]) -> None:
+    def after_round(
+        self,
+        round_: int,
+        rounds: int,
+        save: Callable[[int], str],
+        polled: tuple[bool, bool, bool] | None = None,
+    ) -> None:
         """Checkpoint (``save(round_)``, which returns the name) every ``every`` rounds, when the
         interval is due, or when a process was signalled, then stop if it was. Apart from a
-        stop, the epoch's last round is left to the checkpoint at the epoch's end."""
-        stop, due = self.poll()
+        stop, the epoch's last round is left to the checkpoint at the epoch's end. ``polled``:
+        this round's ``poll()``, when the caller made it already."""
+        stop, due, _ = polled or self.poll()
         periodic = self.every and round_ % self.every == 0
         if stop or ((periodic or due) and round_ < rounds):
             name = save(round_)

@@ -111,12 +111,13 @@ def train_epoch(run: Run) -> None:
             run.spread = replica_spread(run.comm, run.models)
 
     def after_round(round_: int) -> None:
-        check_divergence(run, round_)
+        polled = run.control.poll(run.guard.diverged(run.models))  # the round's one device read
+        check_divergence(run, round_, diverged=polled[2])
         if logs(round_):
             log_round(run, round_, bar)
         if cfg.cv_every and round_ % cfg.cv_every == 0 and round_ < run.rounds:
             log_cv(run, round_)
-        run.control.after_round(round_, run.rounds, partial(save_checkpoint, run))
+        run.control.after_round(round_, run.rounds, partial(save_checkpoint, run), polled)
         bar.update()
 
     run.engine.run_epoch(run.workers, run.epoch, run.rounds, run.round, after_round, before_sync)
@@ -172,9 +173,9 @@ def start_epoch(run: Run) -> None:
             w.optimizer.reset_preconditioners()  # the paper: a new process, new NG state, per epoch
 
 
-def check_divergence(run: Run, round_: int) -> None:
+def check_divergence(run: Run, round_: int, diverged: bool) -> None:
     """NaN/Inf after averaging: back to the last good model with a lower lr (all workers agree)."""
-    if run.guard.healthy(run.models):
+    if not diverged:
         run.guard.remember(run.models)
         return
     with run.comm.one_voice():  # the verdict is the same everywhere: one line if it gives up

@@ -107,3 +107,12 @@ def test_step_averaging_and_validation_run_on_the_device(data_dir, tmp_path, ave
     assert engine.reduce_stats(workers).device == meta
     validation = comm.sum_stats([frame_stats(w.module, w.cv, cfg.context) for w in workers])
     assert validation.device == meta and comm.reduced >= 3 + 2
+
+
+def test_with_several_processes_the_guard_and_the_preemption_poll_share_one_read():
+    control = Control(FakePeer(torch.device("cpu")))
+    for verdict in (0.0, 1.0):
+        with DeviceAudit() as audit:
+            stop, due, diverged = control.poll(torch.tensor(verdict, dtype=torch.float64))
+        assert (stop, due, diverged) == (False, False, bool(verdict))
+        assert sum(audit.host_reads.values()) == 1
