@@ -80,12 +80,12 @@ def test_connect_sets_the_device_and_nccl_connects_eagerly(gpus, monkeypatch):
     monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
     monkeypatch.setattr("modelavg.comm.torchdist.rendezvous_store", lambda *a: None)
     monkeypatch.setattr(launch, "ensure_rendezvous", lambda penv: None)
+    monkeypatch.setattr(launch, "_joined_process_group", False)  # restored after connect sets it
     cfg = types.SimpleNamespace(in_process=False, workers=None, device="cuda", backend="auto")
     cfg.timeout = 30.0
     comm = launch.connect(cfg, penv(2, 2, rank=1))
     assert chosen == [torch.device("cuda", 1)] and comm.device == torch.device("cuda", 1)
     assert calls["device_id"] == torch.device("cuda", 1)
-    monkeypatch.setattr(launch, "_joined_process_group", False)
 
 
 def test_rng_state_from_a_gpu_checkpoint_is_restored_through_the_cpu():
