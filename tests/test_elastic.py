@@ -95,10 +95,13 @@ def test_checkpoint_interval_parses_units():
         interval_seconds("5d")
 
 
-def test_resume_on_three_workers_continues_the_two_worker_run(data_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("averaging", "state"), [("model", "restarted"), ("bmuf", "kept"), ("diloco", "kept")]
+)
+def test_resume_on_three_workers_continues_the_two_worker_run(data_dir, tmp_path, averaging, state):
     out = tmp_path / "two"
     args = ["--in-process", "--epochs", "3", "--log-every", "3", "--checkpoint-every", "4"]
-    args += ["--data", str(data_dir), "--keep-checkpoints", "0"]
+    args += ["--data", str(data_dir), "--keep-checkpoints", "0", "--averaging", averaging]
     assert main(["train", *SMALL, "--out", str(out), "--workers", "2", *args]) == 0
     (out / "final.pt").unlink()
     (out / "checkpoints" / "LATEST").write_text("e002-r00004")  # as if it died mid-epoch 2
@@ -106,7 +109,7 @@ def test_resume_on_three_workers_continues_the_two_worker_run(data_dir, tmp_path
     (resize,) = kinds(out, "resize")
     assert (resize["workers_before"], resize["workers"], resize["epoch"]) == (2, 3, 2)
     # 4 rounds x 2 steps x 16 frames x 2 workers = 256 frames: round 3 of 3 workers (96 each)
-    assert (resize["round_before"], resize["round"], resize["averager"]) == (4, 3, "restarted")
+    assert (resize["round_before"], resize["round"], resize["averager"]) == (4, 3, state)
     assert [e["epoch"] for e in kinds(out, "epoch")] == [0, 1, 2, 3]  # none lost or repeated
     after = [r for r in kinds(out, "round") if r["time"] > resize["time"]]
     assert after[0]["epoch"] == 2 and after[0]["round"] > 3
