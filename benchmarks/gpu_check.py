@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -194,7 +195,7 @@ def step_speed(work: Path, device: str, quick: bool) -> dict:
     from gpu_runs import PAPER_NET, QUICK_NET, micro, throughput
 
     net = QUICK_NET if quick else PAPER_NET
-    frames = 4_000 if quick else 400_000
+    frames = 4_000 if quick else 300_000
     data = synthetic_data(work / "random", frames, classes=net["num_classes"])
     result = {"throughput": throughput(work, data, device, quick), "micro": micro(device, quick)}
     return {**result, "ok": result["throughput"]["ok"] and result["micro"]["ok"]}
@@ -211,16 +212,22 @@ def run_step(name: str, work: Path, device: str, quick: bool, timeout: float) ->
     if name == "audit":  # cuBLAS is deterministic only with a fixed workspace (set before CUDA)
         env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     log = (work / f"{name}.log").open("w")
+    # its own process group: on a timeout the workers it spawned go too
+    proc = subprocess.Popen(
+        [*cmd, *(["--quick"] if quick else [])],
+        stdout=log,
+        stderr=log,
+        env=env,
+        start_new_session=True,
+    )
     try:
-        code = subprocess.run(
-            [*cmd, *(["--quick"] if quick else [])],
-            stdout=log,
-            stderr=log,
-            env=env,
-            timeout=timeout,
-        ).returncode
+        code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout:g} s (see {name}.log)"}
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        partial = {p.name: json.loads(p.read_text()) for p in (work / name).glob("*.partial.json")}
+        error = f"timed out after {timeout:g} s (see {name}.log)"
+        return {"ok": False, "error": error, "partial": partial}
     if not result_file.exists():
         return {"ok": False, "error": f"exit {code}, no result (see {name}.log)"}
     return json.loads(result_file.read_text())

@@ -190,6 +190,7 @@ def throughput(work: Path, data: Path, device: str, quick: bool) -> dict:
         }
         if device.startswith("cuda") and not CASES[name].get("backend"):
             results[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        (work / "throughput.partial.json").write_text(json.dumps(results))  # if time runs out
     results["ok"] = all(v["ok"] for v in results.values())
     return results
 
