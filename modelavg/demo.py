@@ -235,8 +235,9 @@ def write_report(
             f"words, HCLG {graph['hclg_states']:,} states), acoustic scale "
             f"{results['cv']['acwt']:g}: the lowest cv WER of {scales}."
         )
+    after = times["total_s"] - times["prepare_s"] - times["train_s"]
     wait = (
-        f" (then {times['graph_wait_s']:.0f} s waiting for the graph)"
+        f", {times['graph_wait_s']:.0f} s of it waiting for the graph"
         if "graph_wait_s" in times
         else ""
     )
@@ -250,8 +251,8 @@ parameters: {cfg.hidden_layers}x{cfg.hidden_dim} {cfg.activation}, input +-{cfg.
 {start["workers"]} workers ({start["processes"]} processes), averaging every {cfg.avg_every}
 minibatches, {start["rounds_per_epoch"]} averaging rounds per epoch.
 
-Time: data preparation {times["prepare_s"]:.0f} s, training {times["train_s"]:.0f} s{wait},
-total {times["total_s"]:.0f} s.
+Time: data preparation {times["prepare_s"]:.0f} s, training {times["train_s"]:.0f} s, evaluation
+and word decoding {after:.0f} s{wait}; total {times["total_s"]:.0f} s.
 
 ## Test results
 
