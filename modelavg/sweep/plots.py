@@ -30,7 +30,8 @@ def write_plots(grid: Grid, rows: list[dict], out: Path) -> list[Path]:
         return []
     plots = []
     for axis, name in (("workers", "cv_vs_workers.png"), ("avg_every", "cv_vs_avg_every.png")):
-        if axis in grid.varying:
+        numeric = all(isinstance(r[axis], int) for r in done)  # not --avg-every auto
+        if axis in grid.varying and numeric:
             plots.append(plot_against(done, axis, grid.others(axis), out / name))
     plots.append(plot_curves(done, grid, out / "learning_curves.png"))
     if any(len(r.get("noise_curve", ([], []))[0]) > 1 for r in done):
