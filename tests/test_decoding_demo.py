@@ -311,6 +311,7 @@ def test_sweep_decodes_each_cell_once(corpus, graph_dir, tmp_path, monkeypatch):
     decoder = sweep_wer.CellDecoder(load_grid(path).wer, jobs=1)
     again = decoder.cell_wer(tmp_path / "sweep" / "workers=1", str(corpus / "cv"))
     assert again == {k: rows[0][k] for k in sweep_wer.COLUMNS}
+    assert decoder._graph is None  # a cached cell does not read HCLG
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,7 @@ class CellDecoder:
     def __init__(self, spec: WerSpec, jobs: int) -> None:
         self.spec, self.jobs = spec, jobs
         self._graph = None
+        self._meta: dict | None = None
         self._lock = threading.Lock()
 
     def check(self) -> None:
@@ -84,15 +85,18 @@ class CellDecoder:
         from modelavg.decoding.graph import load_graph
 
         with self._lock:
-            if self._graph is None:
-                self._graph = load_graph(self.spec.graph)
-            graph, spec = self._graph, self.spec
+            spec = self.spec
+            if self._meta is None:  # HCLG itself is read only when a cell needs decoding
+                self._meta = load_graph(spec.graph, need_fst=False).meta
             out = cell_dir / f"decode_{spec.graph.name}_{spec.split}"
-            key = {"graph_hash": graph.meta.get("inputs_hash"), "data": str(spec.data),
+            key = {"graph_hash": self._meta.get("inputs_hash"), "data": str(spec.data),
                    "acwt_setting": spec.acwt}  # fmt: skip
             done = _read_json(out / "sweep_wer.json")
             if done is not None and done.get("key") == key:
                 return done["columns"]
+            if self._graph is None:
+                self._graph = load_graph(spec.graph)
+            graph = self._graph
             model, options = cell_dir / "final.pt", {"jobs": self.jobs, "progress": False}
             acwt, cv_wer = spec.acwt, None
             if acwt is None:
