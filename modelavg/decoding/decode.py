@@ -143,10 +143,8 @@ def model_inputs(
     model_path, data_dir: Path, graph: Graph, graph_dir, acwt: float, priors_from
 ) -> tuple[dict[str, np.ndarray], Callable[[np.ndarray], np.ndarray]]:
     """Per utterance, the network's log posteriors; and the map to acwt x the graph's scores."""
-    from modelavg.data.frames import FrameTable
-    from modelavg.data.kaldi import read_corpus
     from modelavg.decoding.decoder import Scorer
-    from modelavg.nets.dnn import load_model, utterance_log_probs
+    from modelavg.nets.dnn import load_model
 
     model = load_model(model_path)
     spec = model.spec
@@ -156,6 +154,16 @@ def model_inputs(
             f"{len(graph.classes)} classes (classes.txt): not the same senone set"
         )
     scorer = Scorer(graph, class_counts(model_path, spec.num_classes, priors_from))
+    return data_log_probs(model, data_dir), lambda log_post: acwt * scorer(log_post)
+
+
+def data_log_probs(model, data_dir) -> dict[str, np.ndarray]:
+    """Per utterance of a data dir (features only), the model's float64 log posteriors."""
+    from modelavg.data.frames import FrameTable
+    from modelavg.data.kaldi import read_corpus
+    from modelavg.nets.dnn import utterance_log_probs
+
+    spec = model.spec
     corpus = read_corpus(data_dir, need_targets=False)
     if corpus.dim != spec.input_dim:
         raise UsageError(
@@ -163,8 +171,7 @@ def model_inputs(
         )
     table = FrameTable.from_corpus(corpus, corpus.utts)
     log_probs = utterance_log_probs(model, table, spec.context)
-    inputs = {u: lp.double().numpy() for u, lp in zip(corpus.utts, log_probs, strict=True)}
-    return inputs, lambda log_post: acwt * scorer(log_post)
+    return {u: lp.double().numpy() for u, lp in zip(corpus.utts, log_probs, strict=True)}
 
 
 def oracle_inputs(

@@ -55,25 +55,14 @@ def parse_wspecifier(wspec: str) -> tuple[Path, Path | None]:
 
 def loglikes(model_path, data_dir, priors_from=None) -> dict[str, np.ndarray]:
     """Per utterance, (frames, classes) float32 log posterior - log prior."""
-    from modelavg.data.frames import FrameTable
-    from modelavg.data.kaldi import read_corpus
-    from modelavg.decoding.decode import class_counts
+    from modelavg.decoding.decode import class_counts, data_log_probs
     from modelavg.decoding.decoder import log_prior
-    from modelavg.nets.dnn import load_model, utterance_log_probs
+    from modelavg.nets.dnn import load_model
 
     model = load_model(model_path)
-    spec = model.spec
-    prior = log_prior(class_counts(model_path, spec.num_classes, priors_from))
-    corpus = read_corpus(data_dir, need_targets=False)
-    if corpus.dim != spec.input_dim:
-        raise UsageError(
-            f"{data_dir}: feature dimension {corpus.dim}, model expects {spec.input_dim}"
-        )
-    table = FrameTable.from_corpus(corpus, corpus.utts)
-    log_probs = utterance_log_probs(model, table, spec.context)
+    prior = log_prior(class_counts(model_path, model.spec.num_classes, priors_from))
     return {
-        utt: (lp.double().numpy() - prior).astype(np.float32)
-        for utt, lp in zip(corpus.utts, log_probs, strict=True)
+        utt: (lp - prior).astype(np.float32) for utt, lp in data_log_probs(model, data_dir).items()
     }
 
 
