@@ -24,7 +24,7 @@ import yaml
 
 from modelavg.averaging import ALGORITHMS
 from modelavg.averaging.optstate import POLICIES
-from modelavg.averaging.schedule import parse_warmup
+from modelavg.averaging.schedule import period_or_auto, warmup_parser
 from modelavg.errors import UsageError
 from modelavg.optim import OPTIMIZERS
 from modelavg.optim.schedules import SCHEDULES
@@ -49,25 +49,6 @@ def opt(
     limits = (low, high, open_low, open_high)
     meta = {"help": help, "choices": choices, "group": group, "limits": limits, "parse": parse}
     return field(default=default, metadata=meta)
-
-
-def period_or_auto(value: Any) -> int | str:
-    """--avg-every: a period K >= 1, or ``auto``."""
-    if value == "auto":
-        return value
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        k = 0
-    if k < 1 or str(k) != str(value).strip():
-        raise UsageError(f"--avg-every must be >= 1 or auto, not {value}")
-    return k
-
-
-def warmup_spec(value: Any) -> str:
-    """--avg-warmup: frames (``500000``) or epochs (``2e``)."""
-    parse_warmup(value)
-    return str(value)
 
 
 @dataclass
@@ -186,6 +167,12 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
     lr_scaling: str = opt(
         "linear", "multiply --lr by the number of workers (paper §2.4)", ("linear", "none")
     )
+    lr_warmup: str = opt(
+        "0",
+        "linear scaling: raise the factor on --lr from 1 to N over this many frames (500000) "
+        "or epochs (2e), round by round (gradual warm-up)",
+        parse=warmup_parser("--lr-warmup"),
+    )
     momentum: float = opt(0.0, "SGD momentum", low=0, high=1, open_high=True)
     weight_decay: float | None = opt(
         None, "adam/adamw: weight decay (default: 0.01 for adamw, 0 for adam)", low=0
@@ -254,7 +241,7 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
         "first average every minibatch (K = 1, plain averaging) for this many frames (500000) "
         "or epochs (2e), then as configured: post-local SGD",
         group="parallel",
-        parse=warmup_spec,
+        parse=warmup_parser("--avg-warmup"),
     )
     group_size: int | None = opt(
         None,

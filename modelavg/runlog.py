@@ -57,3 +57,8 @@ class RunLog(JsonlLog):
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def prefixed(prefix: str, stats: dict) -> dict:
+    """``{"loss": x}`` -> ``{"cv_loss": x}``: one record holds train and CV statistics."""
+    return {f"{prefix}_{k}": v for k, v in stats.items()}

@@ -25,7 +25,7 @@ from modelavg import elastic
 from modelavg.analysis.live import noise_fields, noise_scale_check
 from modelavg.averaging import algorithm_options, make_averager
 from modelavg.averaging.base import share_flat_storage_
-from modelavg.averaging.schedule import build_schedule
+from modelavg.averaging.schedule import build_schedule, warmup_rounds
 from modelavg.averaging.spread import replica_spread
 from modelavg.comm.base import Communicator
 from modelavg.comm.cast import reduced_precision
@@ -37,9 +37,9 @@ from modelavg.guard import DivergenceGuard
 from modelavg.io import atomic_write_bytes, write_config
 from modelavg.nets.dnn import DNN, save_model
 from modelavg.optim import build_optimizer, set_lr
-from modelavg.optim.schedules import SCHEDULES, Schedule, make_schedule
+from modelavg.optim.schedules import SCHEDULES, Schedule, make_schedule, worker_lr_factor
 from modelavg.preempt import Control
-from modelavg.runlog import RunLog
+from modelavg.runlog import RunLog, prefixed
 from modelavg.workers import DNNWorker
 
 
@@ -59,6 +59,7 @@ class Run:
     control: Control  # preemption signals and --checkpoint-interval, agreed on by all processes
     epoch: int = 1
     round: int = 0  # first round to run in this epoch (non-zero after a mid-epoch resume)
+    position: int = 0  # rounds done in all epochs: the clock of the --lr-warmup ramp
     spread: torch.Tensor | None = None  # every worker's ||theta_n - mean|| before the last sync
 
     @property
@@ -75,8 +76,9 @@ class Run:
 
     @property
     def lr(self) -> float:
-        """The lr every worker uses: schedule x linear scaling x divergence backoff."""
-        scale = self.comm.num_workers if self.cfg.lr_scaling == "linear" else 1
+        """The lr every worker uses: schedule x linear scaling (ramped) x divergence backoff."""
+        ramp = warmup_rounds(self.cfg.lr_warmup, self.rounds, self.engine.frames_per_round)
+        scale = worker_lr_factor(self.cfg, self.comm.num_workers, self.position, ramp)
         return self.schedule.lr * scale * self.guard.lr_scale
 
 
@@ -118,6 +120,8 @@ def train_epoch(run: Run) -> None:
         if cfg.cv_every and round_ % cfg.cv_every == 0 and round_ < run.rounds:
             log_cv(run, round_)
         run.control.after_round(round_, run.rounds, partial(save_checkpoint, run), polled)
+        run.position = (run.epoch - 1) * run.rounds + round_
+        [set_lr(w.optimizer, run.lr) for w in run.workers if cfg.lr_warmup != "0"]  # the ramp
         bar.update()
 
     run.engine.run_epoch(run.workers, run.epoch, run.rounds, run.round, after_round, before_sync)
@@ -166,6 +170,7 @@ def start(cfg: TrainConfig, comm: Communicator, control: Control) -> Run:
 
 def start_epoch(run: Run) -> None:
     run.engine.timer.reset()
+    run.position = (run.epoch - 1) * run.rounds + run.round
     for w in run.workers:
         set_lr(w.optimizer, run.lr)
         fresh = run.round == 0 and run.cfg.ng_reset == "epoch"
@@ -183,9 +188,8 @@ def check_divergence(run: Run, round_: int, diverged: bool) -> None:
     run.engine.averager.start(run.models)
     for w in run.workers:
         set_lr(w.optimizer, run.lr)
-    rollbacks = run.guard.rollbacks
     record = {"kind": "rollback", "epoch": run.epoch, "round": round_, "lr": run.lr}
-    run.log.write({**record, "rollbacks": rollbacks})
+    run.log.write({**record, "rollbacks": run.guard.rollbacks})
     if run.comm.is_main:
         print(
             f"epoch {run.epoch} round {round_}: NaN/Inf after averaging; rolled back to the last "
@@ -334,16 +338,12 @@ def restore(run: Run) -> None:
     state = dict(shared["schedule"])
     run.schedule = SCHEDULES[state.pop("type")](**state)
     run.accepted_model = shared["accepted_model"]
-    run.epoch, run.round = shared["epoch"], shared["round"]
+    run.epoch = shared["epoch"]
     run.log.truncate(shared["metrics_bytes"])
     run.round = elastic.resize(shared, run.cfg, run.engine, run.models, run.rounds, run.log)
 
 
 # -- reporting ---------------------------------------------------------------------------------
-
-
-def prefixed(prefix: str, stats: dict) -> dict:
-    return {f"{prefix}_{k}": v for k, v in stats.items()}
 
 
 def log_cv(run: Run, round_: int) -> None:

@@ -3,6 +3,7 @@ BMUF), warm-up, AdaComm's K, two-level groups, optimiser-state policies, Adam; t
 resume and in-process == process groups through the CLI."""
 
 import copy
+import json
 import math
 import shutil
 import sys
@@ -236,6 +237,7 @@ RESUMABLE = {
         "2",
     ],
     "two-level-bmuf": ["--averaging", "bmuf", "--group-size", "2", "--avg-every-inner", "1"],
+    "lr-ramp": ["--lr-warmup", "2e", "--lr", "0.05"],  # the resume lands inside the ramp
 }
 
 
@@ -258,6 +260,8 @@ def test_resume_mid_epoch_is_bitwise(data_dir, tmp_path, name):
     [
         (["--avg-every", "0"], "--avg-every must be >= 1 or auto, not 0"),
         (["--avg-warmup", "2x"], "--avg-warmup 2x"),
+        (["--lr-warmup", "-1"], "--lr-warmup -1"),
+        (["--lr-warmup", "1e", "--lr-scaling", "none"], "needs --lr-scaling linear"),
         (["--group-size", "2"], "--group-size and --avg-every-inner go together"),
         (["--group-size", "3", "--avg-every-inner", "1"], "--group-size 3 must divide"),
         (["--group-size", "2", "--avg-every-inner", "2"], "--avg-every-inner must be below"),
@@ -267,6 +271,17 @@ def test_bad_options_are_one_line_exit_2(data_dir, tmp_path, capsys, args, messa
     assert train(data_dir, tmp_path / "x", "--in-process", "--workers", "4", *args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_lr_warmup_ramps_every_rounds_lr_linearly(data_dir, tmp_path):
+    out = tmp_path / "ramp"
+    args = ["--in-process", "--workers", "4", "--epochs", "2", "--schedule", "constant"]
+    assert train(data_dir, out, *args, "--lr", "0.05", "--lr-warmup", "1e", "--log-every", "1") == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = next(r["rounds_per_epoch"] for r in records if r["kind"] == "start")
+    lrs = [r["lr"] for r in records if r["kind"] == "round"]
+    expected = [0.05 * (1 + 3 * min(1, i / rounds)) for i in range(2 * rounds)]
+    assert lrs == pytest.approx(expected) and rounds >= 3
 
 
 TWO_LEVEL = [*SMALL, "--group-size", "2", "--avg-every-inner", "1", "--averaging", "diloco"]

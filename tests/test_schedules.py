@@ -1,8 +1,16 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from modelavg.optim.schedules import Constant, Exponential, Newbob, exponential_lr
+from modelavg.errors import UsageError
+from modelavg.optim.schedules import (
+    Constant,
+    Exponential,
+    Newbob,
+    exponential_lr,
+    worker_lr_factor,
+)
 
 
 def test_exponential_matches_paper_sequence():
@@ -51,3 +59,13 @@ def test_constant_and_max_epochs():
     assert stop
     s = Newbob(lr=1.0, epochs=1, best_loss=10.0)
     assert s.after_epoch(1.0)[2]
+
+
+def test_lr_ramp_raises_the_linear_factor_from_1_to_n_by_hand():
+    linear, none = SimpleNamespace(lr_scaling="linear"), SimpleNamespace(lr_scaling="none")
+    # N = 4 over R = 8 rounds: 1 + 3 r / 8
+    assert [worker_lr_factor(linear, 4, r, 8) for r in (0, 4, 6, 8, 20)] == [1, 2.5, 3.25, 4, 4]
+    assert worker_lr_factor(linear, 4, 0, 0) == 4  # no ramp: the paper's linear scaling
+    assert worker_lr_factor(none, 4, 3, 0) == 1
+    with pytest.raises(UsageError, match="--lr-warmup .* needs --lr-scaling linear"):
+        worker_lr_factor(none, 4, 3, 8)

@@ -148,6 +148,17 @@ def test_dry_run_lists_without_running(sweep, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_only_selects_cells_by_their_directory_names_values(sweep, tmp_path):
+    grid, out, _, _ = sweep
+    lines: list[str] = []
+    rows = run_sweep(grid, out, dry_run=True, only=["avg_every=2"], log=lines.append)
+    assert [(r["workers"], r["avg_every"]) for r in rows] == [(1, 2), (2, 2)]
+    assert all("avg_every=2:" in line and "skip" in line for line in lines)  # the grid's dirs
+    for bad, message in [("avg_every=3", "no cell of"), ("lr=0.5", "one of the grid's")]:
+        with pytest.raises(UsageError, match=f"--only {bad}: .*{message}"):
+            run_sweep(grid, tmp_path / "x", dry_run=True, only=[bad])
+
+
 def test_a_changed_option_is_a_change_and_a_spelled_out_default_is_not():
     assert config_changes({"lr": 0.5, "workers": 2}, {"workers": 2}) == []  # 0.5: the default
     assert config_changes({"max_change": 0.075}, {}) == []

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -165,8 +166,9 @@ class AdaptiveK(FixedK):
         self.k, self.loss0, self.lr0 = state["k"], state["loss0"], state["lr0"]
 
 
-def parse_warmup(spec: str | int) -> tuple[float, str]:
-    """``'2e'`` -> (2.0, 'epochs'); ``500000`` -> (500000.0, 'frames'); bad input: UsageError."""
+def parse_warmup(spec: str | int, option: str = "--avg-warmup") -> tuple[float, str]:
+    """``'2e'`` -> (2.0, 'epochs'); ``500000`` -> (500000.0, 'frames'); bad input: UsageError
+    naming ``option``."""
     text = str(spec).strip()
     unit = "epochs" if text.endswith("e") else "frames"
     try:
@@ -174,8 +176,31 @@ def parse_warmup(spec: str | int) -> tuple[float, str]:
     except ValueError:
         value = -1.0
     if not value >= 0 or (unit == "frames" and value != int(value)):
-        raise UsageError(f"--avg-warmup {spec}: give frames (500000) or epochs (2e), >= 0")
+        raise UsageError(f"{option} {spec}: give frames (500000) or epochs (2e), >= 0")
     return value, unit
+
+
+def warmup_parser(option: str) -> Callable[[Any], str]:
+    """The config parser of a warm-up length ``option``: frames (``500000``) or epochs (``2e``)."""
+
+    def parse(value: Any) -> str:
+        parse_warmup(value, option)
+        return str(value)
+
+    return parse
+
+
+def period_or_auto(value: Any) -> int | str:
+    """--avg-every: a period K >= 1, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1 or str(k) != str(value).strip():
+        raise UsageError(f"--avg-every must be >= 1 or auto, not {value}")
+    return k
 
 
 def warmup_rounds(spec: str | int, rounds_per_epoch: int, frames_per_round: int) -> int:

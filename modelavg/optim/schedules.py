@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from modelavg.errors import UsageError
+
 
 def exponential_lr(epoch: int, lr0: float, final_ratio: float, epochs: int) -> float:
     """lr_e = lr0 * final_ratio ** ((e - 1) / (E - 1)) for epoch e = 1..E (paper section 2.5).
@@ -25,6 +27,23 @@ def exponential_lr(epoch: int, lr0: float, final_ratio: float, epochs: int) -> f
     if epochs <= 1:
         return lr0
     return lr0 * final_ratio ** ((epoch - 1) / (epochs - 1))
+
+
+def worker_lr_factor(cfg: Any, workers: int, rounds_done: int, ramp_rounds: int) -> float:
+    """The factor on ``--lr``: N with linear scaling (paper section 2.4), 1 without.
+
+    With a ramp (``--lr-warmup``, Goyal et al. 2017's gradual warm-up) the factor grows linearly
+    from 1 to N over the first ``ramp_rounds`` averaging rounds: 1 + (N - 1) min(1, r / R), with
+    r the rounds done before the one about to run. Large N x lr early, when the model changes
+    fastest, is where averaged replicas diverge.
+    """
+    if cfg.lr_scaling != "linear":
+        if ramp_rounds:
+            raise UsageError("--lr-warmup ramps the linear scaling: it needs --lr-scaling linear")
+        return 1.0
+    if not ramp_rounds:
+        return float(workers)
+    return 1 + (workers - 1) * min(1.0, rounds_done / ramp_rounds)
 
 
 def relative_improvement(previous: float, new: float) -> float:

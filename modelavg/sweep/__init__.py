@@ -49,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--jobs", type=int, default=1, help="cells to run at once (default 1; one per core)"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="run and report only the cells whose grid option has this value, e.g. "
+        "--only optimizer=ngsgd (repeatable; cell directories are the full grid's)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
         jobs=args.jobs,
+        only=args.only,
     )
     failed = [r["cell"] for r in rows if r["status"] == "failed"]
     if failed:

@@ -33,7 +33,7 @@ import yaml
 
 from modelavg.errors import Infeasible, UsageError
 from modelavg.io import atomic_write_bytes
-from modelavg.sweep.grid import Cell, Grid, default_of, load_grid
+from modelavg.sweep.grid import Cell, Grid, default_of, format_value, load_grid
 from modelavg.sweep.plots import write_plots
 from modelavg.sweep.results import base_row, cell_result
 from modelavg.sweep.speedup import write_speedup
@@ -52,6 +52,7 @@ def run_sweep(
     resume: bool = False,
     keep_checkpoints: bool = False,
     jobs: int = 1,
+    only: list[str] | None = None,
     log: Log = print,
 ) -> list[dict]:
     """Run (or with ``dry_run`` only list) every cell; returns one row per cell.
@@ -61,9 +62,11 @@ def run_sweep(
     checkpoint with ``resume``. A finished cell's checkpoints are deleted (final.pt stays) unless
     ``keep_checkpoints``: a full grid of paper-size models would not fit on disk. Writes
     results.csv, results.md, the plots and speedup.md/.png. With a graph in the grid, each
-    finished cell is then decoded (``modelavg.sweep.wer``) and its row gets a WER.
+    finished cell is then decoded (``modelavg.sweep.wer``) and its row gets a WER. ``only``
+    (``option=value`` strings) keeps the matching cells: a re-run of part of a grid.
     """
     grid = load_grid(grid_path)
+    grid.cells = select_cells(grid, only or [])
     out = Path(out_dir)
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
@@ -117,6 +120,23 @@ def run_sweep(
     if not dry_run:
         write_reports(grid, rows, out, log)
     return rows
+
+
+def select_cells(grid: Grid, only: list[str]) -> list[Cell]:
+    """The cells whose varying options match every ``option=value`` of ``only`` (as written in
+    the cell's directory name)."""
+    cells = grid.cells
+    for spec in only:
+        key, sep, value = spec.partition("=")
+        if not sep or key not in grid.varying:
+            raise UsageError(
+                f"--only {spec}: expected OPTION=VALUE with OPTION one of the grid's "
+                f"{', '.join(grid.varying)}"
+            )
+        cells = [c for c in cells if f"{key}={format_value(key, c.varying[key])}" == spec]
+        if not cells:
+            raise UsageError(f"--only {spec}: no cell of {grid.path} has this value")
+    return cells
 
 
 def plan_cell(cell: Cell, cell_dir: Path, resume: bool) -> str:
