@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("modelavg: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # the reader left (``modelavg sweep --dry-run | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        code = 141  # 128 + SIGPIPE, as a shell reports it
     except Exception:  # a bug: its traceback, exit 1 (and the launcher names this rank)
         traceback.print_exc()
         code = 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,15 @@ def test_dry_run_lists_without_running(sweep, tmp_path):
     assert [r["status"] for r in rows] == ["planned"] * 4
     assert all("modelavg train --config" in line for line in lines)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_reader_that_leaves_early_ends_the_listing_quietly(sweep):
+    grid, out, _, _ = sweep
+    cmd = [sys.executable, "-m", "modelavg", "sweep", "--grid", str(grid), "--out", str(out)]
+    proc = subprocess.Popen([*cmd, "--dry-run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # gone before the first line (e.g. `| head -0`): every write fails
+    _, err = proc.communicate()
+    assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err
 
 
 def test_only_selects_cells_by_their_directory_names_values(sweep, tmp_path):
