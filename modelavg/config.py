@@ -253,7 +253,13 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
     avg_every_inner: int | None = opt(
         None, "two-level averaging: the groups' period K1", group="parallel", low=1
     )
-    averaging: str = opt("model", "averaging algorithm", ALGORITHMS, "parallel")
+    averaging: str = opt(
+        "model",
+        "averaging algorithm; overlap: plain averaging whose allreduce runs during the next "
+        "round and is applied one round late, keeping the local progress (blocking at epoch ends)",
+        ALGORITHMS,
+        "parallel",
+    )
     avg_dtype: str = opt("fp32", "allreduce dtype: fp32, bf16, fp16", tuple(AVG_DTYPES), "parallel")
     block_momentum: float | None = opt(
         None, "bmuf: block momentum (default 1 - 1/N)", group="parallel"

@@ -98,7 +98,7 @@ class Engine:
         ``before_sync(round_)`` sees the replicas as local training left them before the round's
         last sync. The schedule may sync inside a round too; it sees round
         ``(epoch_key - 1) * rounds + round_`` (the round's index in training for a 1-based
-        epoch)."""
+        epoch). The epoch ends with the replicas equal (``Averager.settle``)."""
         streams = [self.batches(w, epoch_key, start_round) for w in workers]
         modules = [w.module for w in workers]
         for round_ in range(start_round + 1, rounds + 1):
@@ -112,6 +112,8 @@ class Engine:
                     before_sync(round_)
                 with self.timer("averaging"):
                     averager.sync(modules)
+                    if round_ == rounds and i == len(segments):
+                        self.averager.settle(modules)
             after_round(round_)
 
     def reduce_stats(self, workers: list[Worker]) -> torch.Tensor:
@@ -120,7 +122,8 @@ class Engine:
 
 
 class Timer:
-    """Wall-clock seconds per phase since ``reset``; synchronises the GPU so the split is honest."""
+    """Wall-clock seconds per phase since ``reset``; synchronises the GPU's current stream so the
+    split is honest (only that stream: an allreduce started on NCCL's runs on)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -140,7 +143,7 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         self.seconds[self._phase] += time.perf_counter() - self._t0
 
     def totals(self) -> dict[str, float]:

@@ -308,12 +308,9 @@ def save_checkpoint(run: Run, round_: int) -> str:
         "metrics_bytes": run.log.size(),
     }
     workers = {
-        w.worker: {
-            "optimizer": w.optimizer.state_dict(),
-            "stats": w.stats,
-            "rng": torch.get_rng_state(),
-        }
-        for w in run.workers
+        w.worker: {"optimizer": w.optimizer.state_dict(), "stats": w.stats}
+        | {"rng": torch.get_rng_state(), "averager": run.engine.averager.worker_state(i)}
+        for i, w in enumerate(run.workers)
     }
     root = Path(run.cfg.out) / "checkpoints"
     name = ckpt.checkpoint_name(run.epoch, round_)
@@ -326,19 +323,20 @@ def restore(run: Run) -> None:
     """Load the newest complete checkpoint into ``run``; one of another N: ``elastic.resize``."""
     root = Path(run.cfg.out) / "checkpoints"
     shared, workers = ckpt.restore(root, run.comm, resize=True)
-    for w in run.workers:
-        w.module.load_state_dict(shared["model"])
-    for w in run.workers if workers else []:  # the same workers: a bitwise-identical resume
-        w.optimizer.load_state_dict(workers[w.worker]["optimizer"])
-        w.stats = workers[w.worker]["stats"]
-        ckpt.set_rng_state(workers[w.worker]["rng"])
     run.engine.averager.load_state_dict(shared["averager"])
+    for i, w in enumerate(run.workers):
+        w.module.load_state_dict(shared["model"])
+        if workers:  # the same workers: a bitwise-identical resume
+            state = workers[w.worker]
+            w.optimizer.load_state_dict(state["optimizer"])
+            w.stats = state["stats"]
+            ckpt.set_rng_state(state["rng"])
+            run.engine.averager.load_worker_state(i, w.module, state.get("averager", {}))
     run.engine.schedule.load_state_dict(shared.get("sync_schedule", {}))
     run.guard.load_state_dict(shared["guard"])
     state = dict(shared["schedule"])
     run.schedule = SCHEDULES[state.pop("type")](**state)
-    run.accepted_model = shared["accepted_model"]
-    run.epoch = shared["epoch"]
+    run.accepted_model, run.epoch = shared["accepted_model"], shared["epoch"]
     run.log.truncate(shared["metrics_bytes"])
     run.round = elastic.resize(shared, run.cfg, run.engine, run.models, run.rounds, run.log)
 

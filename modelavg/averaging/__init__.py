@@ -1,26 +1,30 @@
-"""Averaging algorithms behind one interface: plain model averaging, block momentum (BMUF) and
-DiLoCo's outer optimiser."""
+"""Averaging algorithms behind one interface: plain model averaging, block momentum (BMUF),
+DiLoCo's outer optimiser, and plain averaging overlapped with the next round's computation."""
 
 from typing import Any
 
 from modelavg.averaging.base import Averager
 from modelavg.averaging.bmuf import BlockMomentumAverager
 from modelavg.averaging.diloco import DiLoCoAverager
+from modelavg.averaging.overlap import OverlapAverager
 from modelavg.averaging.periodic import ModelAverager
 from modelavg.comm.base import Communicator
 
-ALGORITHMS = ("model", "bmuf", "diloco")
+ALGORITHMS = ("model", "bmuf", "diloco", "overlap")
 
 
 def make_averager(name: str, comm: Communicator, **options) -> Averager:
     """``model``: the paper's plain averaging; ``bmuf``: block momentum (options: block_momentum,
-    block_lr, nesterov); ``diloco``: outer Nesterov SGD (options: outer_lr, outer_momentum)."""
+    block_lr, nesterov); ``diloco``: outer Nesterov SGD (options: outer_lr, outer_momentum);
+    ``overlap``: plain averaging applied one round late, its allreduce overlapping computation."""
     if name == "model":
         return ModelAverager(comm)
     if name == "bmuf":
         return BlockMomentumAverager(comm, **options)
     if name == "diloco":
         return DiLoCoAverager(comm, **options)
+    if name == "overlap":
+        return OverlapAverager(comm)
     raise ValueError(f"unknown averaging algorithm {name!r}; choose from {ALGORITHMS}")
 
 
@@ -40,5 +44,6 @@ __all__ = [
     "BlockMomentumAverager",
     "DiLoCoAverager",
     "ModelAverager",
+    "OverlapAverager",
     "make_averager",
 ]

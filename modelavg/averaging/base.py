@@ -81,11 +81,23 @@ class Averager(ABC):
                     unflatten_(flat, model)
         self.syncs += 1
 
+    def settle(self, models: list[nn.Module]) -> None:  # noqa: B027
+        """Make the replicas equal now, at an epoch's end; a sync that leaves them equal (all
+        but overlapped averaging) has nothing left to do."""
+
     def state_dict(self) -> dict:
+        """Global state (the same on every worker), saved once per checkpoint."""
         return {"syncs": self.syncs}
 
     def load_state_dict(self, state: dict) -> None:
         self.syncs = state["syncs"]
+
+    def worker_state(self, i: int) -> dict:
+        """State of local worker ``i`` a resume needs, saved in that worker's checkpoint file."""
+        return {}
+
+    def load_worker_state(self, i: int, model: nn.Module, state: dict) -> None:  # noqa: B027
+        """Take over ``worker_state(i)`` (after ``load_state_dict``) for replica ``model``."""
 
     def load_resized_state(self, state: dict, models: list[nn.Module], workers_before: int) -> str:
         """Take over ``state``, saved by a job of ``workers_before`` workers, in a job of another

@@ -33,6 +33,7 @@ from torch import nn
 
 from modelavg.averaging.base import Averager
 from modelavg.averaging.optstate import OptimizerStateSync
+from modelavg.averaging.overlap import refuse_unsupported
 from modelavg.averaging.periodic import ModelAverager
 from modelavg.comm.group import group_communicator
 from modelavg.errors import UsageError
@@ -228,6 +229,9 @@ def build_schedule(
             return inner
         return OptimizerStateSync(inner, optimizers, cfg.optimizer_state)
 
+    warm = warmup_rounds(cfg.avg_warmup, rounds_per_epoch, frames_per_round)
+    if cfg.averaging == "overlap":
+        refuse_unsupported(cfg, warm)
     top = with_state(averager)
     if cfg.group_size is not None:
         if cfg.avg_every == "auto" or cfg.avg_every_inner >= cfg.round_steps:
@@ -238,7 +242,6 @@ def build_schedule(
         schedule = AdaptiveK(top, cfg.round_steps, cfg.avg_every_init)
     else:
         schedule = FixedK(top, cfg.round_steps)
-    warm = warmup_rounds(cfg.avg_warmup, rounds_per_epoch, frames_per_round)
     if warm:
         return Warmup(schedule, warm, with_state(RestartingAverager(averager)))
     return schedule

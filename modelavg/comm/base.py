@@ -5,23 +5,45 @@ group, N for the in-process simulator) and joins ``num_processes`` processes. Th
 count is their product; global worker ids are ``process_rank * local_workers + i``.
 
 Every reduction is "sum the local buffers, sum across processes, (scale)", so N logical workers in
-one process and N processes with one worker each do the same arithmetic.
+one process and N processes with one worker each do the same arithmetic. A reduction may also be
+started and waited for later (``allreduce_sum_async_``), so that computation overlaps it; a
+backend without non-blocking collectives (and one process, which has nothing to wait for) just
+finishes it at once.
 
 Example::
 
     comm = InProcessCommunicator(workers=4)
     comm.allreduce_mean_([p0, p1, p2, p3])  # all four now hold the mean
+    pending = comm.allreduce_sum_async_([p0, p1, p2, p3])
+    ...work that does not touch p0..p3...
+    pending.wait()                          # all four now hold the sum
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 from modelavg.errors import Reported, UsageError
+
+
+def _nothing() -> None:
+    pass
+
+
+class Pending:
+    """A reduction in flight: once ``wait()`` returns its buffers hold the result; until then
+    nobody may touch them. Waiting twice is waiting once."""
+
+    def __init__(self, finish: Callable[[], None] = _nothing) -> None:
+        self._finish = finish
+
+    def wait(self) -> None:
+        finish, self._finish = self._finish, _nothing
+        finish()
 
 
 class Communicator(ABC):
@@ -48,6 +70,12 @@ class Communicator(ABC):
     def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place across processes."""
 
+    def _allreduce_sum_async_(self, tensor: torch.Tensor) -> Callable[[], None]:
+        """Start summing ``tensor`` across processes; returns what waits for the sum. Default:
+        the blocking sum, done before returning."""
+        self._allreduce_sum_(tensor)
+        return _nothing
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:  # noqa: B027
         """Overwrite ``tensor`` with process ``src``'s copy (no-op for a single process)."""
 
@@ -64,6 +92,11 @@ class Communicator(ABC):
 
     def allreduce_sum_(self, buffers: list[torch.Tensor]) -> None:
         """Make each of the local buffers (one per local worker) the sum over all workers."""
+        self.allreduce_sum_async_(buffers).wait()
+
+    def allreduce_sum_async_(self, buffers: list[torch.Tensor]) -> Pending:
+        """``allreduce_sum_``, started: the buffers hold the sum once the result's ``wait()``
+        returns (collective: every process starts its reductions in the same order)."""
         if len(buffers) != self.local_workers:
             raise ValueError(f"expected {self.local_workers} buffers, got {len(buffers)}")
         total = buffers[0]
@@ -71,11 +104,15 @@ class Communicator(ABC):
             total = buffers[0].clone()
             for b in buffers[1:]:
                 total.add_(b)
-        if self.num_processes > 1:
-            self._allreduce_sum_(total)
-        for b in buffers:
-            if b is not total:
-                b.copy_(total)
+        across = self._allreduce_sum_async_(total) if self.num_processes > 1 else _nothing
+
+        def finish() -> None:
+            across()
+            for b in buffers:
+                if b is not total:
+                    b.copy_(total)
+
+        return Pending(finish)
 
     def allreduce_mean_(self, buffers: list[torch.Tensor]) -> None:
         """Make each local buffer the mean over all workers: one allreduce, then scale by 1/N."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from modelavg.comm.base import Communicator
+from modelavg.comm.base import Communicator, Pending
 from modelavg.precision import AVG_DTYPES
 
 
@@ -28,11 +28,16 @@ class ReducedPrecision(Communicator):
     def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
         self.inner._allreduce_sum_(tensor)
 
-    def allreduce_sum_(self, buffers: list[torch.Tensor]) -> None:
+    def allreduce_sum_async_(self, buffers: list[torch.Tensor]) -> Pending:
         narrow = [b.to(self.dtype) for b in buffers]
-        self.inner.allreduce_sum_(narrow)
-        for b, n in zip(buffers, narrow, strict=True):
-            b.copy_(n)
+        pending = self.inner.allreduce_sum_async_(narrow)
+
+        def finish() -> None:
+            pending.wait()
+            for b, n in zip(buffers, narrow, strict=True):
+                b.copy_(n)
+
+        return Pending(finish)
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         self.inner.broadcast_(tensor, src)

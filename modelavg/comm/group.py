@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from modelavg.comm.base import Communicator
+from modelavg.comm.base import Communicator, Pending
 from modelavg.errors import UsageError
 
 
@@ -31,9 +31,9 @@ class LocalGroups(Communicator):
     def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
         raise AssertionError("local groups never reduce across processes")
 
-    def allreduce_sum_(self, buffers: list[torch.Tensor]) -> None:
+    def allreduce_sum_async_(self, buffers: list[torch.Tensor]) -> Pending:
         """Each buffer becomes the sum over its group (summed in worker order, as a process
-        group would)."""
+        group would), at once."""
         for first in range(0, len(buffers), self.size):
             group = buffers[first : first + self.size]
             total = group[0].clone()
@@ -41,6 +41,7 @@ class LocalGroups(Communicator):
                 total.add_(b)
             for b in group:
                 b.copy_(total)
+        return Pending()
 
 
 def group_communicator(comm: Communicator, size: int) -> Communicator:

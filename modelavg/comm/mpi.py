@@ -4,7 +4,9 @@ CUDA tensors go to MPI directly when the MPI library reports CUDA support (or
 ``MODELAVG_MPI_CUDA_AWARE=1`` says so; ``0`` forces staging); otherwise they are staged through a
 reused pinned host buffer (GPU -> host -> MPI -> host -> GPU), as the paper's non-CUDA-aware
 OpenMPI did. Either way the stream is synchronised first: MPI reads memory now, not in stream
-order.
+order. A started reduction (``Iallreduce``) stages through a host buffer of its own, which it
+holds until the wait; an MPI library without a progress thread advances it only inside MPI
+calls, so how much of it overlaps computation depends on the library.
 
 Example::
 
@@ -14,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -53,23 +56,24 @@ class MPICommunicator(Communicator):
         self.cuda_aware = self.device.type != "cpu" and _cuda_aware(self.MPI)
         self._staging: dict[tuple, torch.Tensor] = {}
 
-    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The pinned host buffer for tensors of this shape and dtype, allocated once (a model-
-        sized pageable allocation per averaging would cost more than the copy)."""
-        key = (tuple(tensor.shape), tensor.dtype)
+    def _host(self, tensor: torch.Tensor, slot: str = "sync") -> torch.Tensor:
+        """The pinned host buffer for tensors of this shape and dtype in ``slot`` (``sync``, or
+        ``async`` for the one started reduction in flight), allocated once (a model-sized
+        pageable allocation per averaging would cost more than the copy)."""
+        key = (tuple(tensor.shape), tensor.dtype, slot)
         if key not in self._staging:
             pin = torch.cuda.is_available()
             self._staging[key] = torch.empty(key[0], dtype=tensor.dtype, pin_memory=pin)
         return self._staging[key]
 
-    def _buffer(self, tensor: torch.Tensor):
+    def _buffer(self, tensor: torch.Tensor, slot: str = "sync"):
         """(what MPI reads and writes, the host copy to write back or None)."""
         if tensor.device.type == "cpu":
             return tensor.numpy(), None
         if self.cuda_aware:
             torch.cuda.synchronize(tensor.device)  # the kernels that wrote it have finished
             return tensor, None
-        host = self._host(tensor)
+        host = self._host(tensor, slot)
         host.copy_(tensor, non_blocking=True)
         torch.cuda.synchronize(tensor.device)
         return host.numpy(), host
@@ -79,6 +83,17 @@ class MPICommunicator(Communicator):
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         if host is not None:
             tensor.copy_(host, non_blocking=True)  # in stream order before the buffer's next use
+
+    def _allreduce_sum_async_(self, tensor: torch.Tensor) -> Callable[[], None]:
+        buf, host = self._buffer(tensor, "async")
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+        def wait() -> None:
+            request.Wait()
+            if host is not None:
+                tensor.copy_(host, non_blocking=True)
+
+        return wait
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         buf, host = self._buffer(tensor)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -100,6 +100,21 @@ class TorchDistCommunicator(Communicator):
         with self._collective():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
+    def _allreduce_sum_async_(
+        self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None
+    ) -> Callable[[], None]:
+        """``all_reduce(async_op=True)``: gloo sums on its own threads, NCCL on its stream (a
+        wait makes the current stream wait, the host goes on); a lost peer surfaces at the wait."""
+        self.check_device(tensor)
+        with self._collective():
+            work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+        def wait() -> None:
+            with self._collective():
+                work.wait()
+
+        return wait
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         self.check_device(tensor)
         with self._collective():
@@ -136,3 +151,6 @@ class Subgroup(Communicator):
         self.parent.check_device(tensor)
         with self.parent._collective():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+    def _allreduce_sum_async_(self, tensor: torch.Tensor) -> Callable[[], None]:
+        return self.parent._allreduce_sum_async_(tensor, self.group)
