@@ -183,8 +183,9 @@ def run_peer(system: str, k: int, train: Path, cv: Path, out: Path, lr: float) -
     }
 
 
-def run_modelavg(k: int, train: Path, cv: Path, out: Path, lr: float) -> dict:
-    cmd = [sys.executable, "-m", "modelavg", "train", "--data", str(train), "--cv", str(cv)]
+def run_modelavg(k: int, train: Path, cv: Path, out: Path, lr: float, *extra: str) -> dict:
+    """One 2-process gloo run of ``modelavg train`` (``extra``: more options)."""
+    cmd = [sys.executable, "-m", "modelavg", "train", "--data", str(train), "--cv", str(cv), *extra]
     cmd += ["--out", str(out), "--workers", str(WORKERS), "--backend", "gloo", "--threads", "1"]
     cmd += ["--num-classes", str(CLASSES), "--avg-every", str(k), "--minibatch", str(MINIBATCH)]
     cmd += ["--epochs", "1", "--schedule", "constant", "--lr", str(lr), "--lr-scaling", "none"]
