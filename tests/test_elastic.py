@@ -96,7 +96,8 @@ def test_checkpoint_interval_parses_units():
 
 
 @pytest.mark.parametrize(
-    ("averaging", "state"), [("model", "restarted"), ("bmuf", "kept"), ("diloco", "kept")]
+    ("averaging", "state"),
+    [("model", "restarted"), ("bmuf", "kept"), ("diloco", "kept"), ("overlap", "restarted")],
 )
 def test_resume_on_three_workers_continues_the_two_worker_run(data_dir, tmp_path, averaging, state):
     out = tmp_path / "two"
