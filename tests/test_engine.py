@@ -104,6 +104,9 @@ class CountingAverager:
     def sync(self, modules) -> None:
         self.syncs.append(len(modules))
 
+    def settle(self, modules) -> None:
+        self.syncs.append("settle")
+
 
 class IndexWorker:
     """Records the frame indices it is given."""
@@ -122,7 +125,7 @@ def test_run_epoch_steps_every_worker_k_times_per_round_then_averages():
     engine = Engine(comm, averager, avg_every=3, minibatch=4, seed=1, buffer_frames=8)
     workers, after = [IndexWorker(0), IndexWorker(1)], []
     engine.run_epoch(workers, epoch_key=1, rounds=3, start_round=1, after_round=after.append)
-    assert after == [2, 3] and averager.syncs == [2, 2]
+    assert after == [2, 3] and averager.syncs == [2, 2, "settle"]  # equal replicas at the end
     assert [len(w.steps) for w in workers] == [6, 6]
     assert workers[0].steps != workers[1].steps  # each worker its own frame order
     whole = IndexWorker(0)

@@ -13,10 +13,14 @@ snapshots and starts. The epoch's last sync is blocking (``settle``: wait, x_n <
 accuracy, the accepted model, final.pt and the epoch's checkpoint are the average of the
 replicas, as with blocking averaging. Inside an epoch the replicas differ (mid-epoch ``--cv-every``
 is refused); a mid-epoch checkpoint keeps each replica (= its snapshot) in its worker's file and
-the started sum in the shared state, so a resume applies the same mean and is bitwise identical.
-Costs two model copies per worker (snapshot and reduction buffer). With K = 1 every step applies
-a mean one step old (as DiLoCo's streaming/overlapped variants do), so the averaged replicas
-trail the blocking ones by one round of other workers' progress.
+the started sum in the shared state, so a resume applies the same mean and is bitwise identical
+(its shared ``model`` is replica 0; the global model there is the sum / N, which a resume on
+another N starts from).
+Costs two model copies per worker (snapshot and reduction buffer). Each replica sees the other
+workers' progress one round late. ``--optimizer-state reset`` costs nothing more; ``average``
+adds a blocking allreduce of the moments at every sync. The divergence guard reads replica 0
+(with processes, every process's, through its poll): a NaN in another in-process replica shows
+a round later, once the mean carries it.
 
 Example::
 
