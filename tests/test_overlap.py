@@ -184,3 +184,14 @@ def test_overlap_refuses_what_needs_equal_replicas_mid_epoch(
     assert train(data_dir, tmp_path / "x", *argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_overlap_rolls_back_a_divergence_with_a_sum_in_flight(data_dir, tmp_path):
+    """NaN after a sync: the rollback waits for the started sum, drops it, and training goes on."""
+    out = tmp_path / "recover"
+    args = ["--in-process", "--workers", "2", "--averaging", "overlap", "--activation", "relu"]
+    args += ["--schedule", "constant", "--lr", "1e7", "--max-rollbacks", "10"]
+    assert train(data_dir, out, *args, "--rollback-lr-factor", "0.001") == 0
+    assert '"kind": "rollback"' in (out / "metrics.jsonl").read_text()
+    state = torch.load(out / "final.pt", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values())
