@@ -51,13 +51,17 @@ def measure(name: str, k: int, extra: tuple[str, ...], train: Path, cv: Path, ou
 
 
 def report(results: dict[str, list[dict]]) -> list[str]:
+    """Frames/s against the ceiling; and the local steps' own time against the ceiling's: a
+    reduction running beside the steps (overlap) can still slow them down, sharing their cores."""
     ceiling = median(results["ceiling"], "fps")
-    lines = ["configuration   frames/s  x ceiling  comm share   CV acc"]
+    steps = median(results["ceiling"], "compute_s")
+    lines = ["configuration   frames/s  x ceiling  comm share  steps' time x ceiling   CV acc"]
     for name, runs in results.items():
         fps, acc = median(runs, "fps"), 100 * median(runs, "cv_acc")
         share = f"{100 * median(runs, 'comm_share'):10.2f}%"
         share = "  in backward" if name.startswith("DDP") else share
-        lines.append(f"{name:14s} {fps:9.0f} {fps / ceiling:10.3f} {share} {acc:7.2f}%")
+        own = "-" if name.startswith("DDP") else f"{median(runs, 'compute_s') / steps:.3f}"
+        lines.append(f"{name:14s} {fps:9.0f} {fps / ceiling:10.3f} {share} {own:>21s} {acc:7.2f}%")
     fps = {name: median(runs, "fps") for name, runs in results.items()}
     checks = [
         ("overlap K=10 / ceiling", fps["overlap K=10"] / ceiling, TARGET_K10),

@@ -203,6 +203,7 @@ def run_modelavg(k: int, train: Path, cv: Path, out: Path, lr: float, *extra: st
     return {
         "fps": start["rounds_per_epoch"] * k * MINIBATCH * WORKERS / loop,
         "comm_share": e1["averaging_s"] / loop,
+        "compute_s": e1["compute_s"],  # the local steps alone
         "cv_acc": e1["cv_frame_accuracy"],
         "cv_loss": e1["cv_cross_entropy"],
     }
