@@ -12,6 +12,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,6 +79,16 @@ class PhantomPeer(TorchDistCommunicator):
     def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
         super()._allreduce_sum_(tensor)
         tensor.mul_(2)
+
+    def _allreduce_sum_async_(self, tensor: torch.Tensor) -> Callable[[], None]:
+        """Averaging's reductions start here (blocking ones too): double once it is done."""
+        done = super()._allreduce_sum_async_(tensor)
+
+        def finish() -> None:
+            done()
+            tensor.mul_(2)
+
+        return finish
 
 
 def flags(options: dict) -> list[str]:

@@ -366,7 +366,7 @@ def test_sbatch_example_requeues_itself_and_resumes(data_dir, uninterrupted, slu
     )
     job_id = submitted.stdout.strip()
 
-    def until(ready, timeout: float = 120) -> None:
+    def until(ready, timeout: float = 300) -> None:  # generous: a loaded host slows slurmd too
         deadline = time.monotonic() + timeout
         while not ready():
             assert time.monotonic() < deadline, log.read_text() if log.exists() else "no output"
@@ -375,15 +375,20 @@ def test_sbatch_example_requeues_itself_and_resumes(data_dir, uninterrupted, slu
     until(lambda: round_lines(out, 2))
     subprocess.run([which("scancel"), "--signal=TERM", job_id], check=True, env=slurm)
     show = [which("scontrol"), "show", "job", job_id]
-    start_now = [which("scontrol"), "update", f"JobId={job_id}", "StartTime=now"]
+    # 2 s after the requeue, not at once: a job restarted within the second its first run ended
+    # finds its credential revoked ("Killing non-startable batch job") and fails
+    start_at: list[str] = []
 
     def completed() -> bool:
         job = subprocess.run(show, capture_output=True, text=True, env=slurm).stdout
-        if "JobState=PENDING" in job:  # requeued by the script: start it now, not in 2 min
-            subprocess.run(start_now, capture_output=True, env=slurm)  # (again, if Slurm reset it)
+        if "JobState=PENDING" in job:  # requeued by the script: start it soon, not in 2 min
+            if not start_at:  # one time, kept: each update with "now+2" would push it back
+                start_at.append(time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + 2)))
+            update = [which("scontrol"), "update", f"JobId={job_id}", f"StartTime={start_at[0]}"]
+            subprocess.run(update, capture_output=True, env=slurm)  # (again, if Slurm reset it)
         return "JobState=COMPLETED" in job and "Restarts=1" in job
 
-    until(completed, timeout=180)
+    until(completed, timeout=420)
     text = log.read_text()
     assert "preempted (SIGTERM): wrote checkpoint e00" in text, text
     assert "Exited with exit code 75" in text, text
