@@ -247,10 +247,15 @@ def test_resume_mid_epoch_is_bitwise(data_dir, tmp_path, name):
     args = ["--in-process", "--workers", "4", "--epochs", "3", "--checkpoint-every", "3"]
     args += ["--keep-checkpoints", "0", *RESUMABLE[name]]
     assert train(data_dir, out, *args) == 0
+    assert_resumes_bitwise(out, tmp_path)
+
+
+def assert_resumes_bitwise(out: Path, tmp_path: Path, checkpoint: str = "e002-r00003") -> None:
+    """A copy of the finished run ``out``, resumed from ``checkpoint``, ends with its model."""
     copy_ = tmp_path / "resumed"
     shutil.copytree(out, copy_)
     (copy_ / "final.pt").unlink()
-    (copy_ / "checkpoints" / "LATEST").write_text("e002-r00003")
+    (copy_ / "checkpoints" / "LATEST").write_text(checkpoint)
     assert main(["train", "--resume", "--out", str(copy_)]) == 0
     assert_same_model(out, copy_)
 

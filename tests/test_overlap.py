@@ -2,18 +2,16 @@
 checkpoint, the non-blocking reductions, and in-process == gloo == MPI processes via the CLI."""
 
 import copy
-import shutil
 import sys
 
 import pytest
 import torch
 from test_averaging import mlp
-from test_averaging_beyond import move, train
+from test_averaging_beyond import assert_resumes_bitwise, move, train
 from test_launch import assert_same_model, mpirun, run
 
 from modelavg.averaging import ModelAverager, OverlapAverager
 from modelavg.averaging.base import flatten
-from modelavg.cli import main
 from modelavg.comm import InProcessCommunicator
 from modelavg.comm.cast import ReducedPrecision
 
@@ -134,12 +132,7 @@ def test_overlap_resume_mid_epoch_is_bitwise(data_dir, tmp_path, extra):
     assert train(data_dir, out, *args) == 0
     shared = torch.load(out / "checkpoints" / "e002-r00003" / "shared.pt", weights_only=False)
     assert shared["averager"]["sum"] is not None  # a sum in flight at the checkpoint
-    copy_ = tmp_path / "resumed"
-    shutil.copytree(out, copy_)
-    (copy_ / "final.pt").unlink()
-    (copy_ / "checkpoints" / "LATEST").write_text("e002-r00003")
-    assert main(["train", "--resume", "--out", str(copy_)]) == 0
-    assert_same_model(out, copy_)
+    assert_resumes_bitwise(out, tmp_path)
 
 
 @pytest.fixture(scope="module")
