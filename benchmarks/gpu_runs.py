@@ -76,12 +76,8 @@ class PhantomPeer(TorchDistCommunicator):
         super().__init__(0, 1, backend, device, timeout_s=120)
         self.num_processes = 2
 
-    def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
-        super()._allreduce_sum_(tensor)
-        tensor.mul_(2)
-
     def _allreduce_sum_async_(self, tensor: torch.Tensor) -> Callable[[], None]:
-        """Averaging's reductions start here (blocking ones too): double once it is done."""
+        """Every reduction starts here (blocking ones too): double it once it is done."""
         done = super()._allreduce_sum_async_(tensor)
 
         def finish() -> None:

@@ -96,9 +96,7 @@ class TorchDistCommunicator(Communicator):
             )
 
     def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
-        self.check_device(tensor)
-        with self._collective():
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        self._allreduce_sum_async_(tensor)()  # one path for both: started, then waited for
 
     def _allreduce_sum_async_(
         self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None
@@ -148,9 +146,7 @@ class Subgroup(Communicator):
         self.device = parent.device
 
     def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
-        self.parent.check_device(tensor)
-        with self.parent._collective():
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        self._allreduce_sum_async_(tensor)()
 
     def _allreduce_sum_async_(self, tensor: torch.Tensor) -> Callable[[], None]:
         return self.parent._allreduce_sum_async_(tensor, self.group)
