@@ -121,7 +121,8 @@ def train_epoch(run: Run) -> None:
             log_cv(run, round_)
         run.control.after_round(round_, run.rounds, partial(save_checkpoint, run), polled)
         run.position = (run.epoch - 1) * run.rounds + round_
-        [set_lr(w.optimizer, run.lr) for w in run.workers if cfg.lr_warmup != "0"]  # the ramp
+        for w in run.workers if cfg.lr_warmup != "0" else []:  # the lr ramp moves every round
+            set_lr(w.optimizer, run.lr)
         bar.update()
 
     run.engine.run_epoch(run.workers, run.epoch, run.rounds, run.round, after_round, before_sync)
