@@ -17,9 +17,10 @@ momentum/lr ramp follows the *global* frame count, so an epoch sees the same sch
 
 Checkpoints (``--checkpoint-every``, and at every epoch's end) hold the finished layers, the
 current RBM, the averager and every worker's CD-1 state, so ``--resume`` (or a torchrun restart)
-continues to the bitwise-identical ``dbn.pt``. Training's divergence guard (roll back, lower the
-lr) does not apply: the Gaussian RBM has Kaldi's own explosion guard, and a NaN/Inf in CD-1 ends
-the run with a one-line error, as Kaldi's trainer aborts.
+continues to the bitwise-identical ``dbn.pt``; on another number of workers it continues from the
+same layer and frame count with fresh CD-1 state (``modelavg.elastic``). Training's divergence
+guard (roll back, lower the lr) does not apply: the Gaussian RBM has Kaldi's own explosion guard,
+and a NaN/Inf in CD-1 ends the run with a one-line error, as Kaldi's trainer aborts.
 
 Example::
 
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from modelavg import checkpoint as ckpt
+from modelavg import elastic
 from modelavg.averaging import Averager, ModelAverager
 from modelavg.averaging.spread import replica_spread
 from modelavg.comm.base import Communicator
@@ -142,12 +144,16 @@ class Run:
     layer: int = 0  # index of the layer being trained
     epoch: int = 1  # epoch of that layer
     round: int = 0  # first round to run in that epoch (non-zero after a mid-epoch resume)
-    resumed: dict | None = None  # the checkpoint's current layer state, until it is used
+    resumed: tuple | None = None  # the checkpoint (shared, worker states), until make_workers
     spread: torch.Tensor | None = None  # every worker's ||theta_n - mean|| before the last sync
 
     @property
     def comm(self) -> Communicator:
         return self.engine.comm
+
+    def frames(self, round_: int) -> int:
+        """Frames all workers have trained in this layer by ``round_`` of the current epoch."""
+        return ((self.epoch - 1) * self.data.rounds + round_) * self.engine.frames_per_round
 
 
 def pretrain(cfg: PretrainConfig, comm: Communicator, averager: Averager | None = None) -> Path:
@@ -212,17 +218,22 @@ def lr_scale(run: Run) -> int:
 
 
 def make_workers(run: Run, plan: LayerPlan) -> list[RBMWorker]:
-    """Equal RBMs; each worker gets its own CD-1 trainer (momentum, guard state, sampling RNG)."""
+    """Equal RBMs; each worker gets its own CD-1 trainer (momentum, guard state, sampling RNG),
+    whose momentum/lr ramp starts at the layer's global frame count (0 at the layer's start)."""
     cfg, comm = run.cfg, run.comm
     rbm = initial_rbm(run, plan)
     config = CD1Config.for_visible_type(
         plan.visible_type, lr=plan.lr * lr_scale(run), with_bug=cfg.with_bug
     )
     features, stack = run.data.features, run.stack
+    shared, states = run.resumed or ({"rbm": None}, {})
+    resized = run.resumed is not None and not states  # no worker states: another N
+    keys = (run.epoch, run.round) if resized and shared["rbm"] is not None else ()  # new streams
     workers = []
     for worker, table in zip(comm.worker_ids, run.data.tables, strict=True):
         local = copy.deepcopy(rbm)
-        trainer = CD1Trainer(local, config, seed=stream_seed(cfg.seed, plan.index, worker))
+        trainer = CD1Trainer(local, config, seed=stream_seed(cfg.seed, plan.index, worker, *keys))
+        trainer.frames_seen = run.frames(run.round)
         workers.append(
             RBMWorker(
                 worker,
@@ -233,14 +244,16 @@ def make_workers(run: Run, plan: LayerPlan) -> list[RBMWorker]:
                 (comm.num_workers - 1) * cfg.minibatch,
             )
         )
-    if run.resumed is not None:  # a checkpoint inside this layer
-        shared, states = run.resumed
+    if resized:  # the fresh trainers stay; the replicas take the checkpoint's RBM, if any
+        rbms, rounds, layer = [w.module for w in workers], run.data.rounds, run.layer + 1
+        elastic.resize_layer(shared, run.cfg, run.engine, rbms, rounds, run.round, run.log, layer)
+    elif run.resumed is not None:  # a checkpoint inside this layer, of the same workers
         for w in workers:
             w.module.load_state_dict(shared["rbm"])
             w.trainer.load_state_dict(states[w.worker]["trainer"])
             w.window = Window(**states[w.worker]["window"])
         run.engine.averager.load_state_dict(shared["averager"])
-        run.resumed = None
+    run.resumed = None
     return workers
 
 
@@ -314,13 +327,12 @@ def log_round(
 ) -> None:
     """Reduce every worker's window (all processes join) and write one line."""
     error, n, guards, lr, momentum, steps = run.engine.reduce_stats(workers).tolist()
-    frames = ((run.epoch - 1) * run.data.rounds + round_) * run.engine.frames_per_round
     record = {
         "kind": "round",
         "layer": plan.index + 1,
         "epoch": run.epoch,
         "round": round_,
-        "frames": frames,
+        "frames": run.frames(round_),
         "reconstruction_error": error / n,
         "lr": lr / steps,
         "momentum": momentum / steps,
@@ -367,14 +379,17 @@ def save_checkpoint(run: Run, workers: list[RBMWorker]) -> str:
 
 
 def restore(run: Run) -> None:
-    """Continue from the newest checkpoint: the finished layers, the position, the log."""
+    """Continue from the newest checkpoint: the finished layers, the position, the log. One of
+    another N (no worker states) continues at the round with as many frames done."""
     root = Path(run.cfg.out) / "checkpoints"
-    shared, states = ckpt.restore(root, run.comm)
+    shared, states = ckpt.restore(root, run.comm, resize=True)
     for plan, state in zip(run.plans, shared["stack"], strict=False):
         rbm = RBM(plan.visible_dim, plan.hidden_dim, plan.visible_type).to(run.comm.device)
         rbm.load_state_dict(state)
         run.stack.append(rbm)
-    run.layer, run.epoch, run.round = shared["layer"], shared["epoch"], shared["round"]
-    if shared["rbm"] is not None:
+    run.layer, run.epoch = shared["layer"], shared["epoch"]
+    mapped = elastic.resized_round(shared["round"], shared["workers"], run.engine)
+    run.round = min(run.data.rounds, mapped)  # the same round on the same N
+    if shared["rbm"] is not None or not states:  # inside a layer, or of another N
         run.resumed = (shared, states)
     run.log.resume(shared["log_bytes"])
