@@ -35,26 +35,28 @@ FEATURE_TRANSFORM = "splice-global-cmvn"
 
 @dataclass
 class Window:
-    """Per-worker sums since the last log line: summable across workers with one sum_stats."""
+    """Per-worker sums since the last log line: summable across workers with one sum_stats.
+    What a step leaves on the device (error, guard firings, lr) is summed there: 0-dim tensors
+    (plain numbers before the first step), read once per log line."""
 
-    error: float = 0.0  # sum over frames of the squared reconstruction error
+    error: float | torch.Tensor = 0.0  # sum over frames of the squared reconstruction error
     frames: int = 0
-    guard_firings: int = 0
-    lr: float = 0.0  # sums over steps, for the mean
+    guard_firings: int | torch.Tensor = 0
+    lr: float | torch.Tensor = 0.0  # sums over steps, for the mean
     momentum: float = 0.0
     steps: int = 0
 
     def add(self, result: StepResult, frames: int) -> None:
-        self.error += result.reconstruction_error * frames
+        self.error = self.error + result.reconstruction_error.double() * frames  # float64 sums
         self.frames += frames
-        self.guard_firings += int(result.guard_fired)
-        self.lr += result.lr
+        self.guard_firings = self.guard_firings + result.guard_fired
+        self.lr = self.lr + result.lr
         self.momentum += result.momentum
         self.steps += 1
 
     def tensor(self, device: torch.device) -> torch.Tensor:
         values = [self.error, self.frames, self.guard_firings, self.lr, self.momentum, self.steps]
-        return torch.tensor(values, dtype=torch.float64, device=device)
+        return torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in values])
 
 
 class PretrainLog(RunLog):

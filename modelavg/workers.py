@@ -77,18 +77,20 @@ class RBMWorker:
     window: Window = field(default_factory=Window)
 
     def step(self, idx: torch.Tensor) -> None:
+        """One CD-1 update; its numbers stay on the device until ``take_stats``: no host read."""
         v = self.layer_input(self.table, idx)
-        try:
-            result = self.trainer.step(v)
-        except FloatingPointError:
-            raise UsageError(
-                f"worker {self.worker}: the RBM diverged (NaN/Inf in CD-1); keep --lr-scaling "
-                "none or use fewer workers"
-            ) from None
+        result = self.trainer.step(v)
         self.trainer.frames_seen += self.other_frames
         self.window.add(result, len(v))
 
     def take_stats(self) -> torch.Tensor:
+        """The window's sums, once per log line. A NaN/Inf in a CD-1 step since (Kaldi aborts)
+        makes the error's sum NaN/Inf: it ends the run here, with this worker's one host read."""
         stats = self.window.tensor(self.table.feats.device)
         self.window = Window()
+        if not torch.isfinite(stats[0]).item():
+            raise UsageError(
+                f"worker {self.worker}: the RBM diverged (NaN/Inf in CD-1); keep --lr-scaling "
+                "none or use fewer workers"
+            )
         return stats

@@ -29,6 +29,11 @@ Example::
     trainer = CD1Trainer(rbm, CD1Config.for_visible_type("gaussian"), seed=0)
     for v in minibatches:          # 100 frames each (the recipe), globally mean/var normalised
         result = trainer.step(v)   # result.reconstruction_error, result.guard_fired, ...
+
+A step never reads the device from the host (on a GPU each read waits for the stream): its
+results are 0-dim tensors on the RBM's device, for the driver to sum and read when it logs, and
+the guard applies itself with ``torch.where``. A NaN/Inf in CD-1 (Kaldi aborts on one) makes the
+step's reconstruction error NaN/Inf, so a sum of errors shows it too.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ class RBM(nn.Module):
     @torch.no_grad()
     def reconstruction_error(self, v: torch.Tensor) -> float:
         """Squared error per frame of v against its mean-field reconstruction (for monitoring)."""
-        return squared_error_per_frame(v, self.reconstruct(v))
+        return float(squared_error_per_frame(v, self.reconstruct(v)))
 
     @torch.no_grad()
     def init_visible_bias_from_mean(
@@ -125,9 +130,9 @@ class RBM(nn.Module):
         return f"visible={self.visible_dim} ({self.visible_type}), hidden={self.hidden_dim}"
 
 
-def squared_error_per_frame(v: torch.Tensor, recon: torch.Tensor) -> float:
-    """sum_d (v - recon)^2 averaged over frames (rows)."""
-    return float((v - recon).pow(2).sum(dim=1).mean())
+def squared_error_per_frame(v: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """sum_d (v - recon)^2 averaged over frames (rows): a 0-dim tensor on their device."""
+    return (v - recon).pow(2).sum(dim=1).mean()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +154,9 @@ class CD1Stats:
 def cd1_statistics(rbm: RBM, v: torch.Tensor, generator: torch.Generator | None = None) -> CD1Stats:
     """One CD-1 pass; the gradients are averaged over the N frames (unlike DNN fine-tuning)."""
     pos_hid = rbm.hidden_probs(v)
-    sample = torch.bernoulli(pos_hid, generator=generator)
+    # a NaN (a diverged RBM) would stop bernoulli (on a GPU: a device-side assert); it shows in
+    # the reconstruction error instead
+    sample = torch.bernoulli(pos_hid.nan_to_num(0.0), generator=generator)
     neg_vis = rbm.visible_mean(sample)
     neg_hid = rbm.hidden_probs(neg_vis)
     n = v.shape[0]
@@ -236,11 +243,15 @@ def schedule(frames_seen: int, cfg: CD1Config, lr: float | None = None) -> tuple
 
 @dataclass
 class StepResult:
-    reconstruction_error: float  # squared error per frame of v+ vs the CD-1 reconstruction v-
+    """One step's numbers; all but ``momentum`` (the host's schedule) are 0-dim tensors on the
+    RBM's device, left unread (a read waits for the device)."""
+
+    reconstruction_error: torch.Tensor  # squared error per frame of v+ vs the CD-1 recon. v-;
+    # NaN/Inf when v+ or v- holds a NaN/Inf (or the error overflows float32)
     momentum: float
-    lr: float  # learning rate used (or that would have been used, if the guard fired)
-    guard_fired: bool = False
-    guard_scale: float = 1.0  # std(v+) / std(v-) applied to W and both biases when fired
+    lr: torch.Tensor  # float64: lr used (or that would have been used, if the guard fired)
+    guard_fired: torch.Tensor  # bool; always False for Bernoulli visibles
+    guard_scale: torch.Tensor  # float64 std(v+) / std(v-) applied to W and both biases, else 1
 
 
 class CD1Trainer:
@@ -248,17 +259,22 @@ class CD1Trainer:
 
     State: momentum buffers, base lr (lowered by the guard), frames seen (drives the ramp), RNG.
     ``frames_seen`` counts this trainer's frames; a data-parallel driver that wants the ramp to
-    follow the global frame count may add the other workers' frames to it.
+    follow the global frame count may add the other workers' frames to it. What the guard
+    changes (``lr``, ``lr_scale``) are float64 0-dim tensors on the RBM's device.
     """
 
     def __init__(self, rbm: RBM, config: CD1Config | None = None, seed: int | None = None) -> None:
         self.rbm = rbm
         self.config = config or CD1Config.for_visible_type(rbm.visible_type)
-        self.lr = self.config.lr
-        self.lr_scale = 1.0  # product of guard decays since the last ramp step
+        device = rbm.weight.device
+        self.lr = torch.tensor(self.config.lr, dtype=torch.float64, device=device)
+        # product of guard decays since the last ramp step
+        self.lr_scale = torch.ones((), dtype=torch.float64, device=device)
+        # every Bernoulli step's guard_fired and guard_scale (shared: the guard never fires)
+        self._unguarded = (torch.zeros((), dtype=torch.bool, device=device), self.lr_scale.clone())
         self.frames_seen = 0
         self._ramp_period = 0
-        self.generator = torch.Generator(device=rbm.weight.device)
+        self.generator = torch.Generator(device=device)
         if seed is None:
             self.generator.seed()
         else:
@@ -272,27 +288,28 @@ class CD1Trainer:
             "visible_bias": self.rbm.visible_bias,
         }
 
-    def current_schedule(self) -> tuple[float, float]:
+    def current_schedule(self) -> tuple[float, torch.Tensor]:
         """(momentum, lr) the next step will use, including any temporary guard decay."""
         momentum, lr = schedule(self.frames_seen, self.config, self.lr)
         return momentum, lr * self.lr_scale
 
     @torch.no_grad()
     def step(self, v: torch.Tensor) -> StepResult:
-        """One CD-1 update on the minibatch ``v`` (frames x visible_dim)."""
-        v = v.to(self.rbm.weight)
+        """One CD-1 update on the minibatch ``v`` (frames x visible_dim); no host read."""
+        weight = self.rbm.weight
+        if (v.device, v.dtype) != (weight.device, weight.dtype):  # pass v on the device: no copy
+            v = v.to(weight)
         self._maybe_reset_guard_decay()
         momentum, lr = self.current_schedule()
         stats = cd1_statistics(self.rbm, v, self.generator)
-        _check_finite(v, stats.reconstruction)
         error = squared_error_per_frame(v, stats.reconstruction)
         self.frames_seen += v.shape[0]
-        if self.rbm.gaussian:
-            scale = self._guard(v, stats.reconstruction)
-            if scale is not None:
-                return StepResult(error, momentum, lr, guard_fired=True, guard_scale=scale)
-        self._apply_update(stats, momentum, lr)
-        return StepResult(error, momentum, lr)
+        if not self.rbm.gaussian:
+            self._apply_update(stats, momentum, lr)
+            return StepResult(error, momentum, lr, *self._unguarded)
+        fired, scale = self._guard(v, stats.reconstruction)
+        self._apply_update(stats, momentum, lr, fired, scale)
+        return StepResult(error, momentum, lr, fired, scale)
 
     def _maybe_reset_guard_decay(self) -> None:
         """Kaldi re-sets the lr every momentum_step_frames (also after the ramp ends), which
@@ -301,49 +318,57 @@ class CD1Trainer:
         if period != self._ramp_period:
             self._ramp_period = period
             if self.config.guard_lr_decay_resets:
-                self.lr_scale = 1.0
+                self.lr_scale.fill_(1.0)
 
-    def _guard(self, v: torch.Tensor, recon: torch.Tensor) -> float | None:
+    def _guard(self, v: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """If std(v-) > 2 std(v+) the Gaussian RBM is blowing up: shrink W, b_h, b_v by
-        std(v+)/std(v-), lr *= 0.9, zero the momentum, skip the update. Returns the scale if fired.
-        """
-        data_std = float(v.std(correction=0))
-        recon_std = float(recon.std(correction=0))
-        if recon_std <= self.config.guard_ratio * data_std:
-            return None
-        scale = data_std / recon_std
-        for p in self._params().values():
-            p.mul_(scale)
-        for buf in self.buffers.values():
-            buf.zero_()
-        if self.config.guard_lr_decay_resets:
-            self.lr_scale *= self.config.guard_lr_decay
-        else:
-            self.lr *= self.config.guard_lr_decay
-        return scale
+        std(v+)/std(v-), lr *= 0.9, zero the momentum, skip the update (``_apply_update`` does
+        the shrink, zeroing and skip). Returns (fired, scale), scale 1 when not fired."""
+        data_std = v.std(correction=0).double()
+        recon_std = recon.std(correction=0).double()
+        fired = recon_std > self.config.guard_ratio * data_std
+        scale = torch.where(fired, data_std / recon_std, 1.0)
+        decay = self.config.guard_lr_decay
+        decayed = self.lr_scale if self.config.guard_lr_decay_resets else self.lr
+        torch.where(fired, decayed * decay, decayed, out=decayed)
+        return fired, scale
 
-    def _apply_update(self, stats: CD1Stats, momentum: float, lr: float) -> None:
-        """buf = m * buf + lr * (grad - l2 * W) (no L2 on biases); param += buf."""
-        params = self._params()
+    def _apply_update(
+        self,
+        stats: CD1Stats,
+        momentum: float,
+        lr: torch.Tensor,
+        fired: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> None:
+        """buf = m * buf + lr * (grad - l2 * W) (no L2 on biases); param += buf. When the guard
+        ``fired``: buf = 0 and param *= scale instead (selected on the device, not read)."""
         grads = {
             "weight": stats.weight,
             "hidden_bias": stats.hidden_bias,
             "visible_bias": stats.visible_bias,
         }
-        for name, p in params.items():
+        dtype = self.rbm.weight.dtype  # a Python lr would be rounded to it too
+        alpha, l2_alpha = lr.to(dtype), (lr * -self.config.l2).to(dtype)
+        shrink = None if scale is None else scale.to(dtype)
+        for name, p in self._params().items():
             buf = self.buffers[name]
-            buf.mul_(momentum).add_(grads[name], alpha=lr)
+            buf.mul_(momentum).addcmul_(grads[name], alpha)  # one rounding, as add_(alpha=lr)
             if name == "weight" and self.config.l2:
-                buf.add_(p, alpha=-lr * self.config.l2)
-            p.add_(buf)
+                buf.addcmul_(p, l2_alpha)
+            if fired is None:
+                p.add_(buf)
+            else:  # p = p * shrink + buf: p + buf when not fired (shrink 1), p * shrink if fired
+                buf.masked_fill_(fired, 0.0)
+                torch.addcmul(buf, p, shrink, out=p)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs besides the RBM's own parameters."""
+        """Everything a resume needs besides the RBM's own parameters (reads lr and lr_scale)."""
         return {
             "config": asdict(self.config),
             "buffers": {k: b.detach().clone() for k, b in self.buffers.items()},
-            "lr": self.lr,
-            "lr_scale": self.lr_scale,
+            "lr": self.lr.item(),
+            "lr_scale": self.lr_scale.item(),
             "frames_seen": self.frames_seen,
             "ramp_period": self._ramp_period,
             "rng_state": self.generator.get_state(),
@@ -353,14 +378,8 @@ class CD1Trainer:
         self.config = CD1Config(**state["config"])
         for name, buf in self.buffers.items():
             buf.copy_(state["buffers"][name])
-        self.lr = float(state["lr"])
-        self.lr_scale = float(state["lr_scale"])
+        self.lr.fill_(float(state["lr"]))
+        self.lr_scale.fill_(float(state["lr_scale"]))
         self.frames_seen = int(state["frames_seen"])
         self._ramp_period = int(state["ramp_period"])
         self.generator.set_state(state["rng_state"].cpu())  # a CPU ByteTensor, even for CUDA
-
-
-def _check_finite(v: torch.Tensor, recon: torch.Tensor) -> None:
-    """Kaldi aborts on NaN/inf in CD-1 buffers; a NaN would also slip past the guard's test."""
-    if not (torch.isfinite(v).all() and torch.isfinite(recon).all()):
-        raise FloatingPointError("non-finite values in RBM input or reconstruction")
