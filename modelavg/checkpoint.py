@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -89,6 +90,21 @@ def restore(root: Path, comm: Communicator, resize: bool = False) -> tuple[dict,
             f"{comm.num_workers}: resume with --workers {shared['workers']}"
         )
     return shared, {w: load(worker_file(ckpt_dir, w), comm.device) for w in comm.worker_ids}
+
+
+def load_module(module: torch.nn.Module, state: dict, where: Path) -> None:
+    """``module.load_state_dict(state)``; a checkpoint of other model options (--hidden-dim,
+    --context, ...) is a one-line error naming the checkpoint and the first mismatch."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        size = re.search(r"for (\S+): .*?Size\((\[.*?\])\).*?Size\((\[.*?\])\)", lines[0])
+        detail = f"{size[1]} is {size[2]} there, {size[3]} here" if size else lines[0].rstrip(". ")
+        raise UsageError(
+            f"{where}: does not fit this run's model ({detail}); resume with the model options "
+            "the run was started with"
+        ) from None
 
 
 def set_rng_state(state: torch.Tensor) -> None:

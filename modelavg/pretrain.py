@@ -6,9 +6,8 @@ and averager that fine-tuning uses. Momentum buffers, the Gaussian layer's explo
 CD-1 sampling RNG stay local to each worker, like the NG-SGD state in training. A layer ends with
 an averaging, so all replicas leave it identical.
 
-The input of layer l is the spliced (+-C frames) frame, normalised with the global mean/std of all
-workers' shards, passed through the finished layers < l (sigmoid probabilities), computed per
-minibatch: a precomputed 2048-dim table per shard would cost 8 KB per frame.
+The input of layer l (the spliced frame, normalised with all shards' mean/std, through the layers
+< l) is computed per minibatch: a precomputed 2048-dim table per shard would cost 8 KB per frame.
 
 ``--lr-scaling`` defaults to ``none`` here: with the momentum buffers local, the average of N
 replicas moves like one momentum-SGD run on the mean of N CD-1 gradients, and the recipe's RBM
@@ -34,7 +33,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +43,7 @@ from modelavg.averaging import Averager, ModelAverager
 from modelavg.averaging.spread import replica_spread
 from modelavg.comm.base import Communicator
 from modelavg.config import PretrainConfig
-from modelavg.data.frames import FrameTable
+from modelavg.data.frames import FeatureTransform, FrameTable
 from modelavg.data.kaldi import Corpus, read_corpus
 from modelavg.data.sharded import global_mean_std, shard_corpus
 from modelavg.engine import Engine, Progress
@@ -53,45 +51,10 @@ from modelavg.errors import UsageError
 from modelavg.nets.dbn import DBN, LayerPlan, pretraining_plan, save_dbn
 from modelavg.nets.rbm import RBM, CD1Config, CD1Trainer
 from modelavg.preempt import Control
-from modelavg.pretrain_log import DBN_FILE, FEATURE_TRANSFORM, PretrainLog, Window
+from modelavg.pretrain_log import DBN_FILE, PretrainLog, Window
 from modelavg.workers import RBMWorker
 
 STATS_CHUNK = 4096  # frames per forward pass when computing mean activations
-
-
-@dataclass
-class FeatureTransform:
-    """Splice +-context frames, then (x - mean) * inv_std, exactly as the DNN's Normalize does.
-
-    The statistics are per-frame ones repeated 2C+1 times (the spliced layout), so a fine-tuned
-    DNN given this mean/std sees the very input the RBMs were trained on.
-    """
-
-    context: int
-    mean: torch.Tensor  # ((2C+1) * D,)
-    std: torch.Tensor
-    frames: int  # frames the statistics were computed over
-
-    def __post_init__(self) -> None:
-        self.inv_std = 1.0 / self.std
-
-    @property
-    def spliced_dim(self) -> int:
-        return self.mean.numel()
-
-    def __call__(self, table: FrameTable, idx: torch.Tensor) -> torch.Tensor:
-        return (table.splice(idx, self.context) - self.mean) * self.inv_std
-
-    def state(self) -> dict[str, Any]:
-        """Plain data for ``save_dbn`` (loads with weights_only=True)."""
-        return {
-            "type": FEATURE_TRANSFORM,
-            "context": self.context,
-            "input_dim": self.spliced_dim // (2 * self.context + 1),
-            "mean": self.mean.detach().cpu().clone(),
-            "std": self.std.detach().cpu().clone(),
-            "frames": self.frames,
-        }
 
 
 @dataclass
@@ -357,7 +320,14 @@ def stream_seed(seed: int, *keys: int) -> int:
 def save_checkpoint(run: Run, workers: list[RBMWorker]) -> str:
     """The finished layers, the position, and (inside a layer) its RBM and every worker's CD-1
     state; at a layer boundary (no workers) the next layer's start is recomputed on resume.
-    Returns the checkpoint's name."""
+    Returns the checkpoint's name. A diverged RBM (NaN/Inf; the replicas are equal after a round's
+    averaging) is refused: the run ends with the one-line error, the last checkpoint intact."""
+    name = ckpt.checkpoint_name(run.epoch, run.round, layer=run.layer + 1)
+    if workers and not all(p.isfinite().all() for p in workers[0].module.parameters()):
+        raise UsageError(
+            f"layer {run.layer + 1}: the RBM diverged (NaN/Inf in CD-1) before checkpoint {name}; "
+            "keep --lr-scaling none or use fewer workers"
+        )
     shared = {
         "workers": run.comm.num_workers,
         "layer": run.layer,
@@ -372,7 +342,6 @@ def save_checkpoint(run: Run, workers: list[RBMWorker]) -> str:
     for w in workers:
         states[w.worker] = {"trainer": w.trainer.state_dict(), "window": vars(w.window).copy()}
     root = Path(run.cfg.out) / "checkpoints"
-    name = ckpt.checkpoint_name(run.epoch, run.round, layer=run.layer + 1)
     ckpt.save(run.comm, root, name, shared, states, run.cfg.keep_checkpoints)
     run.control.checkpointed()
     return name
@@ -383,10 +352,17 @@ def restore(run: Run) -> None:
     another N (no worker states) continues at the round with as many frames done."""
     root = Path(run.cfg.out) / "checkpoints"
     shared, states = ckpt.restore(root, run.comm, resize=True)
-    for plan, state in zip(run.plans, shared["stack"], strict=False):
+    where, current = ckpt.latest(root), [] if shared["rbm"] is None else [shared["rbm"]]
+    started = shared["stack"] + current
+    if len(started) > len(run.plans):
+        raise UsageError(
+            f"{where}: has layer {len(started)}, more than --hidden-layers {len(run.plans)}"
+        )
+    for plan, state in zip(run.plans, started, strict=False):  # every layer fits this run
         rbm = RBM(plan.visible_dim, plan.hidden_dim, plan.visible_type).to(run.comm.device)
-        rbm.load_state_dict(state)
-        run.stack.append(rbm)
+        ckpt.load_module(rbm, state, where)
+        if plan.index < shared["layer"]:
+            run.stack.append(rbm)
     run.layer, run.epoch = shared["layer"], shared["epoch"]
     mapped = elastic.resized_round(shared["round"], shared["workers"], run.engine)
     run.round = min(run.data.rounds, mapped)  # the same round on the same N

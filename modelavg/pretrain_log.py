@@ -30,7 +30,6 @@ from modelavg.runlog import RunLog
 DBN_FILE = "dbn.pt"
 LOG_FILE = "pretrain.jsonl"
 PLOT_FILE = "pretrain.png"
-FEATURE_TRANSFORM = "splice-global-cmvn"
 
 
 @dataclass

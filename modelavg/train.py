@@ -326,7 +326,7 @@ def restore(run: Run) -> None:
     shared, workers = ckpt.restore(root, run.comm, resize=True)
     run.engine.averager.load_state_dict(shared["averager"])
     for i, w in enumerate(run.workers):
-        w.module.load_state_dict(shared["model"])
+        ckpt.load_module(w.module, shared["model"], ckpt.latest(root))
         if workers:  # the same workers: a bitwise-identical resume
             state = workers[w.worker]
             w.optimizer.load_state_dict(state["optimizer"])

@@ -120,6 +120,18 @@ def test_resume_on_three_workers_continues_the_two_worker_run(data_dir, tmp_path
     assert final_accuracy(out) > 0.8
 
 
+@pytest.mark.parametrize("option", ["--hidden-dim=24", "--context=2"])
+def test_resume_with_other_model_options_is_one_line(data_dir, tmp_path, capsys, option):
+    out = tmp_path / "run"
+    args = ["--in-process", "--epochs", "1", "--checkpoint-every", "4", "--data", str(data_dir)]
+    assert main(["train", *SMALL, "--out", str(out), "--workers", "2", *args]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), option]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit this run's model" in err, err
+    assert f"{out}/checkpoints/e002-r00000: " in err and " there, " in err, err
+
+
 def test_averagers_map_their_state_to_another_n():
     spec = DNNSpec(input_dim=3, context=0, hidden_layers=1, hidden_dim=4, num_classes=2)
     models = [DNN(spec) for _ in range(2)]

@@ -50,7 +50,7 @@ def runs(data_dir, tmp_path_factory) -> dict[int, Path]:
     return {n: pretrain_run(data_dir, root / f"n{n}", n) for n in (2, 3)}
 
 
-def resume_on(run: Path, out: Path, checkpoint: str, workers: int) -> tuple[int, dict]:
+def resume_on(run: Path, out: Path, checkpoint: str, workers: int, *extra: str) -> tuple[int, dict]:
     """A copy of ``run`` as if it had died after ``checkpoint``, resumed on ``workers``; the exit
     code and the checkpoint's shared state."""
     shutil.copytree(run, out)
@@ -58,7 +58,7 @@ def resume_on(run: Path, out: Path, checkpoint: str, workers: int) -> tuple[int,
     (out / "checkpoints" / "LATEST").write_text(checkpoint)
     shared = torch.load(out / "checkpoints" / checkpoint / "shared.pt", weights_only=False)
     args = ["pretrain", "--resume", "--out", str(out), "--in-process"]
-    return main([*args, "--workers", str(workers)]), shared
+    return main([*args, "--workers", str(workers), *extra]), shared
 
 
 def records(out: Path, kind: str) -> list[dict]:
@@ -160,3 +160,45 @@ def test_resume_on_more_workers_than_the_data_feeds_is_one_line(runs, tmp_path, 
     assert err.startswith("modelavg: error: --workers 41"), err
     assert "workers: 2" in (out / "config.yaml").read_text()  # the run is as it was
     assert (out / "checkpoints" / "LATEST").read_text() == "l02-e001-r00030"
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (
+            "--hidden-dim=8",
+            "does not fit this run's model (weight is [16, 18] there, [8, 18] here)",
+        ),
+        ("--context=2", "does not fit this run's model (weight is [16, 18] there, [16, 30] here)"),
+        ("--hidden-layers=1", "has layer 2, more than --hidden-layers 1"),
+    ],
+)
+def test_resume_with_other_model_options_is_one_line(runs, tmp_path, capsys, option, message):
+    out = tmp_path / "other"
+    code, _ = resume_on(runs[2], out, "l02-e001-r00030", 2, option)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"checkpoints/l02-e001-r00030: {message}" in err, err
+    assert not (out / "dbn.pt").exists()
+
+
+def test_a_diverged_rbm_is_not_checkpointed(data_dir, tmp_path, capsys, monkeypatch):
+    """A NaN between log lines: the next checkpoint is refused, LATEST stays on the last one."""
+    step = CD1Trainer.step
+
+    def poisoned(self, v):
+        result = step(self, v)
+        if self.frames_seen > 1500:
+            self.rbm.weight.data[0, 0] = torch.nan
+        return result
+
+    monkeypatch.setattr(CD1Trainer, "step", poisoned)
+    out = tmp_path / "nan"
+    args = ["pretrain", "--data", str(data_dir), "--out", str(out), *FLAGS, "--in-process"]
+    assert main([*args, "--workers", "2", "--log-every=1000", "--checkpoint-every=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "layer 1: the RBM diverged (NaN/Inf in CD-1) before checkpoint l01-" in err, err
+    latest = (out / "checkpoints" / "LATEST").read_text()
+    shared = torch.load(out / "checkpoints" / latest / "shared.pt", weights_only=False)
+    assert all(t.isfinite().all() for t in shared["rbm"].values())

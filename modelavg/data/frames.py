@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,3 +86,41 @@ def mean_std(sums: torch.Tensor, floor: float = 1e-5) -> tuple[torch.Tensor, tor
     mean = s1 / count
     var = (s2 / count - mean * mean).clamp_min(floor * floor)
     return mean.float(), var.sqrt().float()
+
+
+FEATURE_TRANSFORM = "splice-global-cmvn"  # its type in dbn.pt
+
+
+@dataclass
+class FeatureTransform:
+    """Splice +-context frames, then (x - mean) * inv_std, exactly as the DNN's Normalize does.
+
+    The statistics are per-frame ones repeated 2C+1 times (the spliced layout), so a fine-tuned
+    DNN given this mean/std sees the very input the RBMs were trained on.
+    """
+
+    context: int
+    mean: torch.Tensor  # ((2C+1) * D,)
+    std: torch.Tensor
+    frames: int  # frames the statistics were computed over
+
+    def __post_init__(self) -> None:
+        self.inv_std = 1.0 / self.std
+
+    @property
+    def spliced_dim(self) -> int:
+        return self.mean.numel()
+
+    def __call__(self, table: FrameTable, idx: torch.Tensor) -> torch.Tensor:
+        return (table.splice(idx, self.context) - self.mean) * self.inv_std
+
+    def state(self) -> dict[str, Any]:
+        """Plain data for ``save_dbn`` (loads with weights_only=True)."""
+        return {
+            "type": FEATURE_TRANSFORM,
+            "context": self.context,
+            "input_dim": self.spliced_dim // (2 * self.context + 1),
+            "mean": self.mean.detach().cpu().clone(),
+            "std": self.std.detach().cpu().clone(),
+            "frames": self.frames,
+        }
