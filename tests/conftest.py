@@ -62,6 +62,18 @@ SMALL = [
     "1",
 ]
 
+# a 2 x 16 DBN on context 1, averaged every 2 minibatches of 16, a log line every 5 rounds
+PRETRAIN_SMALL = [
+    "--hidden-layers=2",
+    "--hidden-dim=16",
+    "--context=1",
+    "--minibatch=16",
+    "--avg-every=2",
+    "--log-every=5",
+    "--threads=1",
+    "--no-progress",
+]
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PRETRAIN_SMALL
 
 from modelavg import pretrain as pretrain_module
 from modelavg.cli import main
@@ -21,18 +22,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # 2 RBMs: the Gaussian one 2 epochs, the Bernoulli one 1; 62 rounds per epoch on 2 workers,
 # 41 on 3 (rounds of 2 x 16 frames per worker); a checkpoint every 5 rounds
 FLAGS = [
-    "--hidden-layers=2",
-    "--hidden-dim=16",
-    "--context=1",
-    "--minibatch=16",
-    "--avg-every=2",
-    "--log-every=5",
+    *PRETRAIN_SMALL,
     "--rbm-iter=1",
     "--lr-scaling=linear",
     "--checkpoint-every=5",
     "--keep-checkpoints=0",
-    "--threads=1",
-    "--no-progress",
     "--no-tensorboard",
 ]
 

@@ -12,20 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PRETRAIN_SMALL
 
 from modelavg.nets.dbn import load_dbn
 
-FLAGS = [
-    "--hidden-layers=2",
-    "--hidden-dim=16",
-    "--context=1",
-    "--minibatch=16",
-    "--avg-every=2",
-    "--log-every=5",
-    "--rbm-iter=3",
-    "--threads=1",
-    "--no-progress",
-]
+FLAGS = [*PRETRAIN_SMALL, "--rbm-iter=3"]
 
 
 def env() -> dict:
