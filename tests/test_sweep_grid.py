@@ -33,6 +33,12 @@ def write_grid(path: Path, **content) -> Path:
         ({"data": "d", "time_model": ["paper", "paper"]}, "names must differ"),
         ({"data": "d", "time_model": "k20"}, "time_model must be measured, paper, paper-hardware"),
         ({"data": "d", "accuracy_drop": 5}, "accuracy_drop"),
+        ({"data": "d", "grid": {"workers": [1]}, "exclude": {"workers": 1}}, "a list of option"),
+        ({"data": "d", "grid": {"workers": [1]}, "exclude": [{"lr": 1}]}, "'lr' is not an option"),
+        (
+            {"data": "d", "grid": {"workers": [1, 2]}, "exclude": [{"workers": 3}]},
+            "matches no cell",
+        ),
     ],
 )
 def test_bad_grid_files(tmp_path, content, message):
@@ -60,6 +66,27 @@ def test_cells_and_names(tmp_path):
     assert cell_name({"workers": 8, "avg_every": 10, "optimizer": "sgd"}) == (
         "workers=8,avg_every=10,optimizer=sgd"
     )
+
+
+def test_exclude_drops_the_matching_combinations(tmp_path):
+    """Several methods measured against one 1-worker reference: N = 1 only for the first."""
+    grid = load_grid(
+        write_grid(
+            tmp_path / "g.yaml",
+            data="d",
+            grid={
+                "workers+lr": [[1, 10.0], [4, 5.0], [4, 10.0]],
+                "averaging+lr_scaling": [["model", "linear"], ["bmuf", "none"]],
+            },
+            exclude=[{"workers": 1, "averaging": "bmuf"}, {"lr": 5.0, "lr_scaling": "none"}],
+        )
+    )
+    assert [c.name for c in grid.cells] == [
+        "workers=1,lr=10.0,averaging=model,lr_scaling=linear",
+        "workers=4,lr=5.0,averaging=model,lr_scaling=linear",
+        "workers=4,lr=10.0,averaging=model,lr_scaling=linear",
+        "workers=4,lr=10.0,averaging=bmuf,lr_scaling=none",
+    ]
 
 
 def test_joint_axis_stays_with_workers(tmp_path):

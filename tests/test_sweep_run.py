@@ -18,6 +18,7 @@ from modelavg.errors import Infeasible, UsageError
 from modelavg.sweep import add_arguments, run
 from modelavg.sweep.grid import load_grid
 from modelavg.sweep.runner import config_changes, plan_cell, run_sweep
+from modelavg.sweep.speedup import write_speedup
 
 TINY = {
     "hidden_layers": 1,
@@ -104,6 +105,16 @@ def test_reports_and_plots(sweep):
     assert "| N | run |" in speedup
     assert not (out / "workers=2,avg_every=2" / "stale.txt").exists()  # restarted cleanly
     assert not (out / "noise_scale.png").exists()  # no cell logged a noise scale
+
+
+def test_a_setting_without_one_worker_runs_is_measured_against_the_sweeps(sweep, tmp_path):
+    """As with a grid's ``exclude``: K = 2 has no N = 1 cell, its table uses K = 1's."""
+    grid, _, rows, _ = sweep
+    kept = [r for r in rows if not (r["workers"] == 1 and r["avg_every"] == 2)]
+    text = write_speedup(load_grid(grid), kept, tmp_path)
+    ref = next(r for r in kept if r["workers"] == 1)
+    target = f"Target CV accuracy {100 * (ref['cv_frame_accuracy'] - 0.005):.2f}%"
+    assert text.count("Target CV accuracy") == text.count(target) == 2  # one time model, 2 K
 
 
 def test_concurrent_cells_log_whole_lines_and_bad_jobs_is_refused(sweep, tmp_path):

@@ -2,7 +2,8 @@
 
 Top-level keys are ``train`` options (underscored), fixed for every cell; ``grid`` maps option
 names to lists of values (every combination is a cell; ``a+b: [[a1, b1], ...]`` varies two
-options together); ``time_model`` and ``accuracy_drop`` configure the speedup table
+options together); ``exclude`` drops the cells matching any of its option: value mappings (as a
+CI matrix does); ``time_model`` and ``accuracy_drop`` configure the speedup table
 (``modelavg.sweep.time_models``); ``graph``, ``decode`` and ``acwt`` add a word error rate per
 cell (``modelavg.sweep.wer``)::
 
@@ -14,6 +15,8 @@ cell (``modelavg.sweep.wer``)::
       workers: [1, 2, 4, 8]
       avg_every: [1, 10]
       optimizer+lr: [[sgd, 0.1], [ngsgd, 0.05]]
+    exclude:
+      - {workers: 1, avg_every: 10}       # one worker does not average
     time_model: [paper, paper-hardware]   # or measured, or {step_seconds: measured, ...}
     graph: data/demo/lang_enus            # decode each cell's final.pt on data/demo/test
     decode: data/demo/test
@@ -42,7 +45,7 @@ from modelavg.sweep.time_models import TimeModelSpec, time_model_specs
 from modelavg.sweep.wer import KEYS as WER_KEYS
 from modelavg.sweep.wer import WerSpec, wer_spec
 
-RESERVED = ("grid", "time_model", "accuracy_drop", *WER_KEYS)
+RESERVED = ("grid", "exclude", "time_model", "accuracy_drop", *WER_KEYS)
 SET_BY_SWEEP = ("out", "resume")
 RANDOM_INIT = ("random", "none")
 PAPER_DROP = 0.005  # the target: 1-worker accuracy minus this (absolute)
@@ -106,8 +109,19 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise UsageError(f"{path}: accuracy_drop must be a number in [0, 1), e.g. 0.005")
     specs = time_model_specs(raw.get("time_model"), path)
     grid = Grid(path, fixed, axes, specs, float(drop), wer_spec(raw, path))
-    grid.cells = make_cells(grid)
+    grid.cells = make_cells(grid, parse_exclude(path, raw.get("exclude") or [], grid.varying))
     return grid
+
+
+def parse_exclude(path: Path, spec: Any, varying: list[str]) -> list[dict[str, Any]]:
+    """``exclude:`` as a list of {grid option: value} mappings."""
+    if not isinstance(spec, list) or not all(isinstance(e, dict) and e for e in spec):
+        raise UsageError(f"{path}: 'exclude' must be a list of option: value mappings")
+    for entry in spec:
+        for name in entry:
+            if name not in varying:
+                raise UsageError(f"{path}: exclude: {name!r} is not an option of the grid")
+    return [{n: normalise(n, v) for n, v in entry.items()} for entry in spec]
 
 
 def parse_axes(path: Path, spec: Any, known: set[str]) -> list[tuple[tuple[str, ...], list[tuple]]]:
@@ -141,15 +155,20 @@ def normalise(name: str, value: Any) -> Any:
     return value
 
 
-def make_cells(grid: Grid) -> list[Cell]:
-    """Every combination of the axes, validated as a train config, with a unique safe name."""
-    cells, seen = [], {}
+def make_cells(grid: Grid, exclude: list[dict[str, Any]]) -> list[Cell]:
+    """Every combination of the axes not excluded, validated as a train config, with a unique
+    safe name. An exclude entry that matches no combination is refused (a typo)."""
+    cells, seen, used = [], {}, set()
     for combo in itertools.product(*[points for _, points in grid.axes]):
         varying = {
             n: v
             for (names, _), point in zip(grid.axes, combo, strict=True)
             for n, v in zip(names, point, strict=True)
         }
+        hits = {i for i, e in enumerate(exclude) if all(varying[n] == v for n, v in e.items())}
+        if hits:
+            used |= hits
+            continue
         config = {"progress": False, **grid.fixed, **varying}
         name = cell_name(varying)
         try:
@@ -160,6 +179,9 @@ def make_cells(grid: Grid) -> list[Cell]:
             raise UsageError(f"{grid.path}: cells {seen[name]} and {varying} share the name {name}")
         seen[name] = varying
         cells.append(Cell(name, varying, config))
+    for i, entry in enumerate(exclude):
+        if i not in used:
+            raise UsageError(f"{grid.path}: exclude: {entry} matches no cell")
     return cells
 
 

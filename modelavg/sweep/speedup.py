@@ -84,16 +84,19 @@ def speedup_to_accuracy(
 
 def write_speedup(grid: Grid, rows: list[dict], out: Path) -> str:
     """speedup.md and speedup.png: one table per time model and setting of the options other
-    than N."""
+    than N. A setting without 1-worker runs (a grid's ``exclude``: several methods, one
+    reference) is measured against every 1-worker run of the sweep."""
     others = grid.others("workers")
     done = [r for r in rows if r["status"] == "done"]
+    ones = [r for r in done if int(r["workers"]) == 1]
     tables, series = [], []
     for spec in grid.time_models:
         for key, group in grouped(done, others).items():
             runs: dict[int, list[dict]] = {}
             for r in group:
                 runs.setdefault(int(r["workers"]), []).append(r)
-            if 1 not in runs:
+            runs.setdefault(1, ones)
+            if not runs[1]:
                 continue
             seconds, used = seconds_function(spec, group, grid.path)
             ref = max(runs[1], key=lambda r: r["cv_frame_accuracy"])  # the best 1-worker run
