@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,18 +27,19 @@ from modelavg.train import train
 CV_RTOL = 1e-3  # CPU against GPU: relative difference of the final CV cross-entropy
 
 
-def train_cli(out: Path, data: Path, *args: str) -> dict:
-    """``modelavg train`` in this process (it spawns workers itself for a multi-process run);
-    returns the exit code, the metrics records and the final CV."""
-    log = io.StringIO()
+def train_cli(out: Path, data: Path, *args: str, command: str = "train") -> dict:
+    """``modelavg train`` (or ``pretrain``) in this process (it spawns workers itself for a
+    multi-process run); returns the exit code, the metrics records and the final CV."""
+    log, err = io.StringIO(), io.StringIO()
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(log):
-        code = main(["train", "--data", str(data), "--out", str(out), "--no-progress", *args])
-    return {"code": code, "seconds": round(time.perf_counter() - t0, 1), **read_run(out)}
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(err):
+        code = main([command, "--data", str(data), "--out", str(out), "--no-progress", *args])
+    seconds = round(time.perf_counter() - t0, 1)
+    return {"code": code, "seconds": seconds, "error": err.getvalue()[-300:], **read_run(out)}
 
 
 def read_run(out: Path) -> dict:
-    metrics = out / "metrics.jsonl"
+    metrics = out / "metrics.jsonl" if (out / "metrics.jsonl").exists() else out / "pretrain.jsonl"
     records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     final = out / "final_cv.json"
     return {"records": records, "cv": json.loads(final.read_text()) if final.exists() else None}
@@ -119,7 +121,7 @@ def phantom_run(out: Path, data: Path, device: torch.device, options: dict) -> d
 def matrix(work: Path, data: Path, device: str, options: dict, epochs: int = 2) -> dict:
     """R0 CPU vs R1 device (tolerance); R2 2 gloo processes on the device vs R1 (bitwise); R3 a
     phantom second rank on the real backend; R5 resume vs R1 (bitwise); R6 NG-SGD device vs
-    CPU (tolerance) and its resume (bitwise)."""
+    CPU (tolerance) and its resume (bitwise); R7 RBM pretraining (``pretraining``)."""
     two = ["--workers", "2", "--seed", "5", *flags(options)]
     full, half = [*two, "--epochs", str(epochs)], [*two, "--epochs", str(epochs - 1)]
     inproc, on, cpu = ["--in-process"], ["--device", device], ["--device", "cpu"]
@@ -147,6 +149,7 @@ def matrix(work: Path, data: Path, device: str, options: dict, epochs: int = 2) 
     ok, rel = cv_close(r["R6"], r["R6cpu"])
     res["R6_ngsgd_vs_cpu"] = {"ok": ok, "cv_rel_diff": rel}
     res["R6_ngsgd_resume_eq"] = {"ok": same_model(work / "R6r", work / "R6")}
+    res["R7_pretraining"] = pretraining(work / "R7", data, device)
     try:
         phantom = {**options, "workers": None, "epochs": epochs, "seed": 5}
         res["R3_phantom_peer"] = phantom_run(work / "R3", data, torch.device(device), phantom)
@@ -154,6 +157,55 @@ def matrix(work: Path, data: Path, device: str, options: dict, epochs: int = 2) 
         res["R3_phantom_peer"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
     res["ok"] = all(v["ok"] for v in res.values() if isinstance(v, dict) and "ok" in v)
     return res
+
+
+def pretraining(work: Path, data: Path, device: str) -> dict:
+    """RBM pretraining, 2 in-process workers: the device's reconstruction errors near the CPU's
+    (CD-1 samples from another generator there: 5%), and a resume from a checkpoint inside the
+    second RBM to the bitwise-identical dbn.pt."""
+    args = ["--workers", "2", "--in-process", "--hidden-layers", "2", "--hidden-dim", "32"]
+    args += ["--context", "1", "--minibatch", "16", "--rbm-iter", "1", "--no-tensorboard"]
+    args += ["--checkpoint-every", "5", "--keep-checkpoints", "0", "--seed", "5"]
+    runs = {"device": device, "cpu": "cpu"}
+    cli = {
+        name: train_cli(work / name, data, *args, "--device", d, command="pretrain")
+        for name, d in runs.items()
+    }
+    codes = {name: r["code"] for name, r in cli.items()}
+    if any(codes.values()):
+        return {"ok": False, "codes": codes, "error": "; ".join(r["error"] for r in cli.values())}
+    errors = {
+        name: [r["reconstruction_error"] for r in run["records"] if r["kind"] == "layer"]
+        for name, run in cli.items()
+    }
+    pairs = zip(errors["device"], errors["cpu"], strict=True)
+    close = all(abs(a - b) <= 0.05 * abs(b) for a, b in pairs)
+    root = work / "device" / "checkpoints"
+    inside = sorted(p.name for p in root.iterdir() if p.name.startswith("l02-") and p.is_dir())
+    resumed = work / "resumed"
+    shutil.copytree(work / "device", resumed)
+    (resumed / "dbn.pt").unlink()
+    (resumed / "checkpoints" / "LATEST").write_text(inside[len(inside) // 2])
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["pretrain", "--resume", "--out", str(resumed), "--no-progress"])
+    a, b = (dbn_tensors(p / "dbn.pt") for p in (work / "device", resumed))
+    same = code == 0 and len(a) == len(b) and all(map(torch.equal, a, b))
+    return {"ok": close and same, "reconstruction_errors": errors, "resume_eq": same}
+
+
+def dbn_tensors(path: Path) -> list[torch.Tensor]:
+    return tensors(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def tensors(payload: object) -> list[torch.Tensor]:
+    """Every tensor in a loaded file, in a fixed order."""
+    if isinstance(payload, torch.Tensor):
+        return [payload]
+    if isinstance(payload, dict):
+        return [t for k in sorted(payload, key=str) for t in tensors(payload[k])]
+    if isinstance(payload, list | tuple):
+        return [t for item in payload for t in tensors(item)]
+    return []
 
 
 PAPER_NET = {"hidden_layers": 6, "hidden_dim": 2048, "context": 5, "num_classes": 8806}

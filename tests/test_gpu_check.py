@@ -26,5 +26,8 @@ def test_gpu_check_dry_run_on_the_cpu_passes_every_step(tmp_path):
     matrix = steps["matrix"]
     for check in ("R2_gloo_processes_eq_R1", "R5_resume_eq_R1", "R6_ngsgd_resume_eq"):
         assert matrix[check]["ok"], check
-    assert steps["audit"]["sgd"]["cuda_syncs_in_the_step_loop"] == 0
+    assert matrix["R7_pretraining"]["resume_eq"]
+    for opt in ("sgd", "pretrain"):
+        assert steps["audit"][opt]["cuda_syncs_in_the_step_loop"] == 0
+        assert steps["audit"][opt]["round_loop_host_reads"] <= steps["audit"][opt]["rounds"]
     assert steps["speed"]["throughput"]["sgd_fp32_mb256"]["frames_per_s"] > 0
