@@ -20,6 +20,7 @@ from modelavg.analysis.noise import (
     trajectory_efficiency_ceiling,
     workers_at_half_efficiency,
 )
+from modelavg.audit import DeviceAudit
 from modelavg.cli import main
 from modelavg.data.frames import FrameTable
 from modelavg.data.kaldi import read_corpus
@@ -101,7 +102,10 @@ def test_natural_gradient_metric_matches_dense_preconditioners(noisy_problem):
         scale = (pre_in.expected_gamma() * pre_out.expected_gamma()) ** 0.5
         expected.append(scale * (dense_sqrt(pre_out) @ full @ dense_sqrt(pre_in)).reshape(-1))
     metric = natural_gradient_metric(plain, opt.preconditioners())
-    torch.testing.assert_close(metric(tuple(grads.values())), torch.cat(expected))
+    with DeviceAudit() as audit:  # the estimates went to the device when the metric was made
+        for _ in range(3):
+            torch.testing.assert_close(metric(tuple(grads.values())), torch.cat(expected))
+    assert not [site for site in audit.transfers if "optim/fisher.py" in site], audit.transfers
 
 
 def test_noise_scale_in_the_natural_gradient_metric(noisy_problem):

@@ -132,7 +132,8 @@ def natural_gradient_metric(model: nn.Module, preconditioners: dict) -> Metric:
     (γ: each side's ``expected_gamma``), other parameters stay as they are. The estimates are
     read, never updated; they must be initialised (one training step)."""
     names = [name for name, _ in model.named_parameters()]
-    layers = {}  # index of the weight -> (index of the bias or None, pre_in, pre_out, scale)
+    device = next(model.parameters()).device
+    layers = {}  # index of the weight -> (index of the bias or None, in map, out map, scale)
     for name, (pre_in, pre_out) in preconditioners.items():
         if not (pre_in.ready and pre_out.ready):
             raise ValueError(f"layer {name!r}: NG-SGD estimates not initialised yet")
@@ -140,8 +141,8 @@ def natural_gradient_metric(model: nn.Module, preconditioners: dict) -> Metric:
         scale = math.sqrt(pre_in.expected_gamma() * pre_out.expected_gamma())
         layers[names.index(f"{name}.weight")] = (
             names.index(bias) if bias in names else None,
-            pre_in,
-            pre_out,
+            pre_in.metric_sqrt(device),  # on the device once, not per chunk
+            pre_out.metric_sqrt(device),
             scale,
         )
     biases = {b for b, *_ in layers.values() if b is not None}
@@ -154,9 +155,9 @@ def natural_gradient_metric(model: nn.Module, preconditioners: dict) -> Metric:
             if i not in layers:
                 parts.append(g.reshape(-1).double())
                 continue
-            b, pre_in, pre_out, scale = layers[i]
+            b, sqrt_in, sqrt_out, scale = layers[i]
             full = g if b is None else torch.cat([g, grads[b][:, None]], dim=1)  # O x (I+1)
-            z = pre_out.metric_sqrt(pre_in.metric_sqrt(full).T).T
+            z = sqrt_out(sqrt_in(full).T).T
             parts.append(scale * z.reshape(-1))
         return torch.cat(parts)
 

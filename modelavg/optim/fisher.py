@@ -22,7 +22,7 @@ most once per step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -177,19 +177,20 @@ class OnlineNaturalGradient:
         eye = torch.eye(self.dim, **_CPU64)
         return x.T @ (self._d[:, None] * x) + self.beta * eye
 
-    def metric_sqrt(self, a: Tensor) -> Tensor:
-        """The rows of ``a`` (..×D) times (β G⁻¹)^½ = I - Xᵀ diag(1 - sqrt(β/(d+β))) X.
+    def metric_sqrt(self, device: torch.device) -> Callable[[Tensor], Tensor]:
+        """The map a -> the rows of ``a`` (..×D) times (β G⁻¹)^½ = I - Xᵀ diag(1 - sqrt(β/(d+β))) X,
+        with X on ``device`` once (the noise scale applies it to many chunks).
 
         β G⁻¹ is the linear map P = R (β G⁻¹) applies to each row before γ; its square root lets
         gradients be measured in the metric NG-SGD steps in (``modelavg.analysis.noise``).
-        Read-only: the estimate is not updated. Identity for rank 0.
+        Read-only: the estimate is not updated (a later update does not reach the map). Identity
+        for rank 0.
         """
         if self.rank == 0:
-            return a
-        x = self.basis().to(device=a.device, dtype=torch.float64)
+            return lambda a: a
+        x = self.basis().to(device=device)
         c = 1.0 - (self.beta / (self._d + self.beta)).sqrt().to(x)
-        a64 = a.to(torch.float64)
-        return a64 - ((a64 @ x.T) * c) @ x
+        return lambda a: a.double() - ((a.double() @ x.T) * c) @ x
 
     def expected_gamma(self) -> float:
         """γ for rows whose second moment is the estimated Fisher F = Xᵀ diag(d+ρ) X + ρ(I - XᵀX):
