@@ -111,7 +111,7 @@ def evaluate_data_dir(
     missing = [u for u in corpus.utts if u not in aligned]
     if missing:
         raise UsageError(f"{phones_scp}: utterance {missing[0]} has features but no phones")
-    ref = {u: aligned[u][: len(corpus.feats[u])] for u in corpus.utts}
+    ref = {u: aligned[u][: corpus.lengths[u]] for u in corpus.utts}
     train_phones = read_labels(train_dir, default_name="phones.scp")
     log_probs = utterance_log_probs(model, table, spec.context)
     correct = sum(

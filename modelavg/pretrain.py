@@ -44,7 +44,7 @@ from modelavg.averaging.spread import replica_spread
 from modelavg.comm.base import Communicator
 from modelavg.config import PretrainConfig
 from modelavg.data.frames import FeatureTransform, FrameTable
-from modelavg.data.kaldi import Corpus, read_corpus
+from modelavg.data.kaldi import read_corpus
 from modelavg.data.sharded import global_mean_std, shard_corpus
 from modelavg.engine import Engine, Progress
 from modelavg.errors import UsageError
@@ -75,11 +75,11 @@ def load_pretrain_data(cfg: PretrainConfig, comm: Communicator) -> PretrainData:
             cfg.data or ".", cfg.feats, need_targets=False, skip_bad_utts=cfg.skip_bad_utts
         )
         limit = cfg.max_utt_frames
-        feats = {u: m for u, m in corpus.feats.items() if not limit or len(m) <= limit}
-        if not feats:
+        keep = [u for u, n in corpus.lengths.items() if not limit or n <= limit]
+        if not keep:
             raise UsageError(f"{corpus.source}: all utterances exceed --max-utt-frames {limit}")
-        skipped = len(corpus.feats) - len(feats)
-        corpus = Corpus(feats, None, corpus.source)  # targets (if any) are not needed
+        skipped = len(corpus.lengths) - len(keep)
+        corpus = corpus.subset(keep)
         shards = shard_corpus(
             corpus, comm.num_workers, comm.worker_ids, cfg.avg_every, cfg.minibatch
         )

@@ -33,17 +33,18 @@ class FrameTable:
 
     @classmethod
     def from_corpus(cls, corpus: Corpus, utts: list[str]) -> FrameTable:
-        mats = [corpus.feats[u] for u in utts]
-        lengths = np.array([len(m) for m in mats], dtype=np.int64)
+        """The utterances' frames in one table, each matrix read into place (no second copy)."""
+        lengths = np.array([corpus.lengths[u] for u in utts], dtype=np.int64)
         ends = np.cumsum(lengths)
         starts = ends - lengths
-        if not utts:  # e.g. a CV shard when there are more workers than CV utterances
-            feats = torch.zeros(0, corpus.dim)
-            targets = torch.zeros(0, dtype=torch.int64) if corpus.targets is not None else None
-        else:
-            feats = torch.from_numpy(np.concatenate(mats))
-            targets = None
-            if corpus.targets is not None:
+        feats = torch.empty(int(lengths.sum()), corpus.dim)
+        rows = feats.numpy()  # the same memory: a matrix is read and cast into place
+        for utt, lo, hi in zip(utts, starts, ends, strict=True):
+            rows[lo:hi] = corpus.feats[utt]
+        targets = None
+        if corpus.targets is not None:  # int64 (T,); empty for a CV shard without utterances
+            targets = torch.zeros(0, dtype=torch.int64)
+            if utts:
                 targets = torch.from_numpy(np.concatenate([corpus.targets[u] for u in utts]))
         return cls(
             feats=feats,

@@ -4,10 +4,15 @@ A data directory holds ``feats.scp`` (float matrices, frames x dims) and ``targe
 vectors, one class id per frame). Either can be replaced by any Kaldi rspecifier
 (``ark:gunzip -c ali.1.gz|``, ``scp:other.scp``, a plain ``.ark`` or ``.scp`` path).
 
+Features named by an scp are checked one utterance at a time and not kept: ``Corpus.feats`` reads
+a matrix again from its scp entry when asked for it, so a process holds only the utterances of its
+own shards (a 300-hour corpus is ~17 GB of float32 frames; with 8 processes per node a copy each
+would not fit). Features from an ark or a pipe cannot be read twice and are kept in memory.
+
 Example::
 
     corpus = read_corpus("data/train")
-    corpus.feats["utt1"].shape  # (frames, dims)
+    corpus.lengths["utt1"], corpus.feats["utt1"].shape  # frames, (frames, dims)
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import kaldiio
@@ -31,24 +36,64 @@ LENGTH_TOLERANCE = 2
 _BINARY = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffd]")  # in an scp: not a text file
 
 
+class ScpFeats(Mapping[str, np.ndarray]):
+    """Feature matrices read from their scp entries when asked for (and trimmed to the checked
+    length): ``read_corpus``'s memory-light ``Corpus.feats``."""
+
+    def __init__(self, where: str, entries: dict[str, str], lengths: dict[str, int]) -> None:
+        self.where, self.entries, self.lengths = where, entries, lengths
+
+    def __getitem__(self, utt: str) -> np.ndarray:
+        n, entry = self.lengths[utt], self.entries[utt]  # KeyError: not in this table
+        try:
+            mat = kaldiio.load_mat(entry)
+        except Exception as exc:  # the file changed since it was checked
+            raise UsageError(
+                f"{self.where}: cannot read utterance {utt} again ({_reason(exc)})"
+            ) from None
+        return np.asarray(mat, dtype=np.float32)[:n]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def only(self, utts: list[str]) -> ScpFeats:
+        return ScpFeats(self.where, self.entries, {u: self.lengths[u] for u in utts})
+
+
 @dataclass
 class Corpus:
-    """Features and (optionally) targets of one data set, in utterance order."""
+    """Features and (optionally) targets of one data set, in utterance order; ``lengths`` (frames
+    per utterance) without reading the features, ``dim`` their dimension."""
 
-    feats: dict[str, np.ndarray]
+    feats: Mapping[str, np.ndarray]
     targets: dict[str, np.ndarray] | None
     source: str
+    lengths: dict[str, int] = field(default_factory=dict)
+    dim: int = 0
+
+    def __post_init__(self) -> None:  # in-memory features: the lengths and dim from them
+        if not self.lengths:
+            self.lengths = {u: len(m) for u, m in self.feats.items()}
+        if not self.dim and self.feats:
+            self.dim = next(iter(self.feats.values())).shape[1]
 
     @property
     def utts(self) -> list[str]:
-        return list(self.feats)
-
-    @property
-    def dim(self) -> int:
-        return next(iter(self.feats.values())).shape[1]
+        return list(self.lengths)
 
     def num_frames(self) -> int:
-        return sum(len(m) for m in self.feats.values())
+        return sum(self.lengths.values())
+
+    def subset(self, utts: list[str]) -> Corpus:
+        """These utterances only (features still unread where they were)."""
+        feats = self.feats
+        feats = feats.only(utts) if isinstance(feats, ScpFeats) else {u: feats[u] for u in utts}
+        targets = None if self.targets is None else {u: self.targets[u] for u in utts}
+        lengths = {u: self.lengths[u] for u in utts}
+        return Corpus(feats, targets, self.source, lengths, self.dim)
 
 
 def rspecifier(data_dir: str | os.PathLike, spec: str | None, default_name: str) -> str:
@@ -84,8 +129,9 @@ def _array(where: str, utt: str, value: object) -> np.ndarray:
     return np.asarray(value)
 
 
-def _read_scp(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Entries of an scp read one by one, so a failure names its line or utterance and ark."""
+def _read_scp(path: str) -> Iterator[tuple[str, np.ndarray, str | None]]:
+    """Entries of an scp read one by one, so a failure names its line or utterance and ark;
+    each with its entry (``ark:offset``), to read it again later."""
     try:
         lines = kaldiio.open_like_kaldi(path, "rb")  # bytes: a binary file is garbled, not a crash
     except OSError as exc:
@@ -108,13 +154,13 @@ def _read_scp(path: str) -> Iterator[tuple[str, np.ndarray]]:
                     raise UsageError(
                         f"{path}: cannot read utterance {utt} from {entry} ({_reason(exc)})"
                     ) from None
-                yield utt, _array(path, utt, value)
+                yield utt, _array(path, utt, value), entry
     finally:
         for fd in arks.values():
             fd.close()
 
 
-def _read_ark(path: str) -> Iterator[tuple[str, np.ndarray]]:
+def _read_ark(path: str) -> Iterator[tuple[str, np.ndarray, str | None]]:
     """Records of an ark (file or pipe); a failure names the utterance being read or the last."""
     try:
         stream = kaldiio.open_like_kaldi(path, "rb")
@@ -138,11 +184,12 @@ def _read_ark(path: str) -> Iterator[tuple[str, np.ndarray]]:
                     record = f"the record after utterance {previous}"
                 raise UsageError(f"{path}: cannot read {record} ({_reason(exc)})") from None
             previous = utt
-            yield utt, _array(path, utt, value)
+            yield utt, _array(path, utt, value), None
 
 
-def _read_table(spec: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (utt, array) from a kaldiio rspecifier; any read failure is a one-line UsageError."""
+def _read_table(spec: str) -> Iterator[tuple[str, np.ndarray, str | None]]:
+    """Yield (utt, array, scp entry or None) from a kaldiio rspecifier; any read failure is a
+    one-line UsageError."""
     parsed = kaldiio.parse_specifier(spec)
     return _read_scp(parsed["scp"]) if parsed["scp"] is not None else _read_ark(parsed["ark"])
 
@@ -153,7 +200,7 @@ def read_labels(
     """Only the per-frame int vectors of a data dir (targets, phones): no features are read."""
     return {
         utt: vec.astype(np.int64)
-        for utt, vec in _read_table(rspecifier(data_dir, spec, default_name))
+        for utt, vec, _ in _read_table(rspecifier(data_dir, spec, default_name))
     }
 
 
@@ -184,7 +231,7 @@ def read_corpus(
         skipped.add(utt)
 
     feat_spec = rspecifier(data_dir, feats, FEATS)
-    fdict = _read_feats(feat_spec, bad)
+    fdict, lengths, dim = _read_feats(feat_spec, bad)
     if not fdict:
         dropped = f" ({len(skipped)} bad utterances skipped)" if skipped else ""
         raise UsageError(f"{_where(feat_spec)}: no utterances{dropped}")
@@ -195,7 +242,7 @@ def read_corpus(
         raise UsageError(f"{data_dir / TARGETS}: no such file (per-frame class ids are needed)")
     if has_targets:
         tgt_spec = rspecifier(data_dir, targets, TARGETS)
-        tdict = _read_targets(tgt_spec, fdict, bad)
+        tdict = _read_targets(tgt_spec, lengths, bad)
         missing = [u for u in fdict if u not in tdict and u not in skipped]
         if missing:
             bad(
@@ -204,22 +251,31 @@ def read_corpus(
                 f"({len(missing)} such)",
             )
             skipped.update(missing)
-        fdict = {u: m for u, m in fdict.items() if u in tdict}
+        lengths = {u: n for u, n in lengths.items() if u in tdict}
         for utt, vec in tdict.items():  # trim the small length mismatches to the shorter side
-            n = min(len(vec), len(fdict[utt]))
-            fdict[utt], tdict[utt] = fdict[utt][:n], vec[:n]
-        if not fdict:
+            lengths[utt] = min(len(vec), lengths[utt])
+            tdict[utt] = vec[: lengths[utt]]
+        if not lengths:
             raise UsageError(f"{data_dir}: no utterance has both features and targets")
+    if isinstance(fdict, ScpFeats):
+        fdict = ScpFeats(fdict.where, fdict.entries, lengths)
+    else:
+        fdict = {u: fdict[u][:n] for u, n in lengths.items()}
     source = str(data_dir) + (f" ({len(skipped)} bad utterances skipped)" if skipped else "")
-    return Corpus(fdict, tdict, source)
+    return Corpus(fdict, tdict, source, lengths, dim)
 
 
-def _read_feats(spec: str, bad: Callable[[str, str], None]) -> dict[str, np.ndarray]:
-    """The float32 matrices of a feature table, checked utterance by utterance."""
-    fdict: dict[str, np.ndarray] = {}
+def _read_feats(
+    spec: str, bad: Callable[[str, str], None]
+) -> tuple[Mapping[str, np.ndarray], dict[str, int], int]:
+    """The usable utterances of a feature table, checked one by one, as float32 matrices (kept
+    only when they cannot be read again: an ark or a pipe), their lengths and the dimension."""
+    kept: dict[str, np.ndarray] = {}
+    entries: dict[str, str] = {}
+    lengths: dict[str, int] = {}
     seen: set[str] = set()
     dim = None
-    for utt, mat in _read_table(spec):
+    for utt, mat, entry in _read_table(spec):
         where = f"{_where(spec)}: utterance {utt}"
         if utt in seen:
             raise UsageError(f"{where}: duplicate utterance id")
@@ -234,17 +290,22 @@ def _read_feats(spec: str, bad: Callable[[str, str], None]) -> dict[str, np.ndar
         elif not np.isfinite(mat).all():
             bad(utt, f"{where}: features contain NaN or Inf")
         else:
-            fdict[utt] = mat.astype(np.float32, copy=False)
-    return fdict
+            lengths[utt] = len(mat)
+            if entry is None:
+                kept[utt] = mat.astype(np.float32, copy=False)
+            else:
+                entries[utt] = entry
+    feats = ScpFeats(_where(spec), entries, lengths) if entries else kept
+    return feats, lengths, dim or 0
 
 
 def _read_targets(
-    spec: str, fdict: Mapping[str, np.ndarray], bad: Callable[[str, str], None]
+    spec: str, lengths: Mapping[str, int], bad: Callable[[str, str], None]
 ) -> dict[str, np.ndarray]:
-    """The class-id vectors of a target table that match a usable utterance of ``fdict``."""
+    """The class-id vectors of a target table that match a usable utterance (``lengths``)."""
     tdict: dict[str, np.ndarray] = {}
     seen: set[str] = set()
-    for utt, vec in _read_table(spec):
+    for utt, vec, _ in _read_table(spec):
         where = f"{_where(spec)}: utterance {utt}"
         if utt in seen:
             raise UsageError(f"{where}: duplicate utterance id")
@@ -253,7 +314,7 @@ def _read_targets(
             raise UsageError(
                 f"{where}: expected an int32 vector of class ids, got {vec.dtype} {vec.shape}"
             )
-        n = len(fdict[utt]) if utt in fdict else None
+        n = lengths.get(utt)
         if n is None:
             bad(utt, f"{where}: targets but no features")
         elif (vec < 0).any():

@@ -34,8 +34,8 @@ def shard_corpus(
     corpus: Corpus, num_workers: int, worker_ids: list[int], avg_every: int, minibatch: int
 ) -> Shards:
     """Frame-balanced shards (paper §2.1); refuses K x minibatch larger than the smallest one."""
-    shards = partition({u: len(m) for u, m in corpus.feats.items()}, num_workers)
-    shard_frames = [sum(len(corpus.feats[u]) for u in s) for s in shards]
+    shards = partition(corpus.lengths, num_workers)
+    shard_frames = [sum(corpus.lengths[u] for u in s) for s in shards]
     rounds = rounds_per_epoch(shard_frames, avg_every, minibatch)
     if rounds == 0:
         raise Infeasible(

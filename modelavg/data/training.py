@@ -45,12 +45,7 @@ def split_cv(corpus: Corpus, fraction: float) -> tuple[Corpus, Corpus]:
     if n_cv >= len(utts):
         raise UsageError(f"{corpus.source}: too few utterances ({len(utts)}) to hold out a CV set")
 
-    def subset(keep: list[str]) -> Corpus:
-        return Corpus(
-            {u: corpus.feats[u] for u in keep}, {u: corpus.targets[u] for u in keep}, corpus.source
-        )
-
-    return subset(utts[:-n_cv]), subset(utts[-n_cv:])
+    return corpus.subset(utts[:-n_cv]), corpus.subset(utts[-n_cv:])
 
 
 def count_classes(cfg: TrainConfig, corpora: list[Corpus]) -> int:
@@ -75,7 +70,7 @@ def load_training_data(cfg: TrainConfig, comm: Communicator) -> TrainingData:
         shards = shard_corpus(
             corpus, comm.num_workers, comm.worker_ids, cfg.round_steps, cfg.minibatch
         )
-        cv_shards = partition({u: len(m) for u, m in cv.feats.items()}, comm.num_workers, True)
+        cv_shards = partition(cv.lengths, comm.num_workers, True)
         cv_tables = [FrameTable.from_corpus(cv, cv_shards[w]) for w in comm.worker_ids]
         model = initial_model(cfg, corpus.dim, num_classes)
     model.normalize.set_stats(*normalisation(cfg, comm, shards.tables))
