@@ -22,6 +22,7 @@ from modelavg.cli import main
 from modelavg.comm.torchdist import TorchDistCommunicator
 from modelavg.config import load_config
 from modelavg.launch import free_port
+from modelavg.nets.dbn import load_dbn
 from modelavg.train import train
 
 CV_RTOL = 1e-3  # CPU against GPU: relative difference of the final CV cross-entropy
@@ -188,24 +189,9 @@ def pretraining(work: Path, data: Path, device: str) -> dict:
     (resumed / "checkpoints" / "LATEST").write_text(inside[len(inside) // 2])
     with contextlib.redirect_stdout(io.StringIO()):
         code = main(["pretrain", "--resume", "--out", str(resumed), "--no-progress"])
-    a, b = (dbn_tensors(p / "dbn.pt") for p in (work / "device", resumed))
-    same = code == 0 and len(a) == len(b) and all(map(torch.equal, a, b))
+    a, b = (load_dbn(p / "dbn.pt")[0].state_dict() for p in (work / "device", resumed))
+    same = code == 0 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return {"ok": close and same, "reconstruction_errors": errors, "resume_eq": same}
-
-
-def dbn_tensors(path: Path) -> list[torch.Tensor]:
-    return tensors(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def tensors(payload: object) -> list[torch.Tensor]:
-    """Every tensor in a loaded file, in a fixed order."""
-    if isinstance(payload, torch.Tensor):
-        return [payload]
-    if isinstance(payload, dict):
-        return [t for k in sorted(payload, key=str) for t in tensors(payload[k])]
-    if isinstance(payload, list | tuple):
-        return [t for item in payload for t in tensors(item)]
-    return []
 
 
 PAPER_NET = {"hidden_layers": 6, "hidden_dim": 2048, "context": 5, "num_classes": 8806}

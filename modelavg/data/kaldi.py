@@ -59,8 +59,9 @@ class ScpFeats(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def only(self, utts: list[str]) -> ScpFeats:
-        return ScpFeats(self.where, self.entries, {u: self.lengths[u] for u in utts})
+    def only(self, lengths: dict[str, int]) -> ScpFeats:
+        """These utterances, each cut to its length here."""
+        return ScpFeats(self.where, self.entries, lengths)
 
 
 @dataclass
@@ -88,11 +89,14 @@ class Corpus:
         return sum(self.lengths.values())
 
     def subset(self, utts: list[str]) -> Corpus:
-        """These utterances only (features still unread where they were)."""
-        feats = self.feats
-        feats = feats.only(utts) if isinstance(feats, ScpFeats) else {u: feats[u] for u in utts}
-        targets = None if self.targets is None else {u: self.targets[u] for u in utts}
+        """These utterances only, features cut to ``lengths`` (still unread where they were)."""
         lengths = {u: self.lengths[u] for u in utts}
+        feats = self.feats
+        if isinstance(feats, ScpFeats):
+            feats = feats.only(lengths)
+        else:
+            feats = {u: feats[u][:n] for u, n in lengths.items()}
+        targets = None if self.targets is None else {u: self.targets[u] for u in utts}
         return Corpus(feats, targets, self.source, lengths, self.dim)
 
 
@@ -257,12 +261,8 @@ def read_corpus(
             tdict[utt] = vec[: lengths[utt]]
         if not lengths:
             raise UsageError(f"{data_dir}: no utterance has both features and targets")
-    if isinstance(fdict, ScpFeats):
-        fdict = ScpFeats(fdict.where, fdict.entries, lengths)
-    else:
-        fdict = {u: fdict[u][:n] for u, n in lengths.items()}
     source = str(data_dir) + (f" ({len(skipped)} bad utterances skipped)" if skipped else "")
-    return Corpus(fdict, tdict, source, lengths, dim)
+    return Corpus(fdict, tdict, source, lengths, dim).subset(list(lengths))  # kept, trimmed
 
 
 def _read_feats(
