@@ -56,6 +56,8 @@ class Engine:
     # syncs inside a round (warm-up, two-level, adaptive K); default: one sync after K steps
     schedule: FixedK | None = None
     timer: Timer = field(init=False)
+    # averagings so far, over all workers and inside groups: what a time model prices
+    syncs: dict[str, int] = field(default_factory=lambda: {"syncs": 0, "group_syncs": 0})
 
     def __post_init__(self) -> None:
         self.timer = Timer(self.comm.device)
@@ -112,6 +114,8 @@ class Engine:
                     before_sync(round_)
                 with self.timer("averaging"):
                     averager.sync(modules)
+                    whole = averager.comm.num_workers == self.comm.num_workers
+                    self.syncs["syncs" if whole else "group_syncs"] += 1
                     if round_ == rounds and i == len(segments):
                         self.averager.settle(modules)
             after_round(round_)

@@ -137,10 +137,8 @@ def start(cfg: TrainConfig, comm: Communicator, control: Control) -> Run:
     engine = Engine(comm, averager, cfg.round_steps, cfg.minibatch, cfg.seed, cfg.buffer_frames)
     workers = make_workers(cfg, engine, data)
     with comm.one_voice():  # option errors come before its only collective (process subgroups)
-        optimizers = [w.optimizer for w in workers]
-        engine.schedule = build_schedule(
-            cfg, averager, optimizers, data.rounds, engine.frames_per_round
-        )
+        opts = [w.optimizer for w in workers]
+        engine.schedule = build_schedule(cfg, averager, opts, data.rounds, engine.frames_per_round)
     run = Run(
         cfg=cfg,
         engine=engine,
@@ -215,7 +213,7 @@ def end_epoch(run: Run) -> bool:
     used = run.rounds * cfg.round_steps * cfg.minibatch
     left = [torch.tensor(float(len(w.table) - used), device=comm.device) for w in run.workers]
     record = {"kind": "epoch", "epoch": run.epoch, "frames": run.frames(run.rounds)}
-    record |= {"accepted": accepted, "lr_next": run.schedule.lr}
+    record |= {"accepted": accepted, "lr_next": run.schedule.lr, **run.engine.syncs}
     run.log.write(
         {
             **record,
@@ -305,6 +303,7 @@ def save_checkpoint(run: Run, round_: int) -> str:
         "schedule": {"type": run.cfg.schedule, **asdict(run.schedule)},
         "averager": run.engine.averager.state_dict(),
         "sync_schedule": run.engine.schedule.state_dict(),
+        "syncs": run.engine.syncs,
         "guard": run.guard.state_dict(),
         "metrics_bytes": run.log.size(),
     }
@@ -334,6 +333,8 @@ def restore(run: Run) -> None:
             ckpt.set_rng_state(state["rng"])
             run.engine.averager.load_worker_state(i, w.module, state.get("averager", {}))
     run.engine.schedule.load_state_dict(shared.get("sync_schedule", {}))
+    done = (shared["epoch"] - 1) * run.rounds + shared["round"]  # older checkpoints: one a round
+    run.engine.syncs.update(shared.get("syncs", {"syncs": done}))
     run.guard.load_state_dict(shared["guard"])
     state = dict(shared["schedule"])
     run.schedule = SCHEDULES[state.pop("type")](**state)
@@ -347,11 +348,9 @@ def restore(run: Run) -> None:
 
 def log_cv(run: Run, round_: int) -> None:
     """A mid-epoch validation point of the learning curve (the models are equal after averaging)."""
-    rounds_done = (run.epoch - 1) * run.rounds + round_
-    frames = rounds_done * run.cfg.round_steps * run.cfg.minibatch
-    cv = validate(run)
-    record = {"kind": "cv", "epoch": run.epoch, "round": round_, "frames_per_worker": frames}
-    record["frames"] = run.frames(round_)
+    cv, frames = validate(run), run.frames(round_)
+    record = {"kind": "cv", "epoch": run.epoch, "round": round_, "frames": frames}
+    record |= {"frames_per_worker": frames // run.comm.num_workers, **run.engine.syncs}
     run.log.write({**record, **prefixed("cv", cv), **extras(run)})
 
 
@@ -360,7 +359,8 @@ def log_round(run: Run, round_: int, bar: Progress) -> None:
     train = summary(run.engine.reduce_stats(run.workers))
     totals = run.engine.timer.totals()
     record = {"kind": "round", "epoch": run.epoch, "round": round_, "frames": run.frames(round_)}
-    record |= {"lr": run.lr, **run.engine.schedule.period((run.epoch - 1) * run.rounds + round_)}
+    period = run.engine.schedule.period((run.epoch - 1) * run.rounds + round_)
+    record |= {"lr": run.lr, **period, **run.engine.syncs}
     run.engine.schedule.observe(train["cross_entropy"], run.lr)  # auto K: the next period
     record["frames_per_s"] = (round_ - run.round) * run.engine.frames_per_round / totals["train_s"]
     spread = run.spread.tolist()

@@ -241,23 +241,43 @@ RESUMABLE = {
 }
 
 
+# averagings over all workers and inside groups by the end of epoch e of R rounds of 2 steps
+SYNCS = {
+    "diloco-warmup-average": lambda r, e: (2 * r + (e - 1) * r, 0),  # K = 1 in epoch 1
+    "two-level-bmuf": lambda r, e: (e * r, e * r),  # a group sync after step 1 of each round
+    "lr-ramp": lambda r, e: (e * r, 0),
+}
+
+
 @pytest.mark.parametrize("name", list(RESUMABLE))
 def test_resume_mid_epoch_is_bitwise(data_dir, tmp_path, name):
     out = tmp_path / "full"
     args = ["--in-process", "--workers", "4", "--epochs", "3", "--checkpoint-every", "3"]
     args += ["--keep-checkpoints", "0", *RESUMABLE[name]]
     assert train(data_dir, out, *args) == 0
+    if name in SYNCS:  # what the time model prices: the averagings the schedule made
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        r = next(m["rounds_per_epoch"] for m in records if m["kind"] == "start")
+        assert epoch_syncs(out) == [SYNCS[name](r, e) for e in (1, 2, 3)]
     assert_resumes_bitwise(out, tmp_path)
 
 
+def epoch_syncs(out: Path) -> list[tuple[int, int]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ends = [m for m in records if m["kind"] == "epoch" and m["epoch"] >= 1]
+    return [(m["syncs"], m["group_syncs"]) for m in ends]
+
+
 def assert_resumes_bitwise(out: Path, tmp_path: Path, checkpoint: str = "e002-r00003") -> None:
-    """A copy of the finished run ``out``, resumed from ``checkpoint``, ends with its model."""
+    """A copy of the finished run ``out``, resumed from ``checkpoint``, ends with its model and
+    has counted the same averagings."""
     copy_ = tmp_path / "resumed"
     shutil.copytree(out, copy_)
     (copy_ / "final.pt").unlink()
     (copy_ / "checkpoints" / "LATEST").write_text(checkpoint)
     assert main(["train", "--resume", "--out", str(copy_)]) == 0
     assert_same_model(out, copy_)
+    assert epoch_syncs(copy_) == epoch_syncs(out)
 
 
 @pytest.mark.parametrize(

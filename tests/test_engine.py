@@ -98,8 +98,8 @@ def test_progress_off_a_terminal_prints_one_line_per_note(capsys):
 
 
 class CountingAverager:
-    def __init__(self) -> None:
-        self.syncs: list[int] = []
+    def __init__(self, comm) -> None:
+        self.comm, self.syncs = comm, []
 
     def sync(self, modules) -> None:
         self.syncs.append(len(modules))
@@ -121,11 +121,13 @@ class IndexWorker:
 
 
 def test_run_epoch_steps_every_worker_k_times_per_round_then_averages():
-    comm, averager = InProcessCommunicator(2), CountingAverager()
+    comm = InProcessCommunicator(2)
+    averager = CountingAverager(comm)
     engine = Engine(comm, averager, avg_every=3, minibatch=4, seed=1, buffer_frames=8)
     workers, after = [IndexWorker(0), IndexWorker(1)], []
     engine.run_epoch(workers, epoch_key=1, rounds=3, start_round=1, after_round=after.append)
     assert after == [2, 3] and averager.syncs == [2, 2, "settle"]  # equal replicas at the end
+    assert engine.syncs == {"syncs": 2, "group_syncs": 0}  # what the time model prices
     assert [len(w.steps) for w in workers] == [6, 6]
     assert workers[0].steps != workers[1].steps  # each worker its own frame order
     whole = IndexWorker(0)

@@ -15,6 +15,7 @@ from modelavg.sweep.results import learning_curve, noise_curve
 from modelavg.sweep.speedup import (
     add_noise_ceilings,
     frames_to_reach,
+    priced,
     speedup_table,
     speedup_to_accuracy,
     time_only,
@@ -23,6 +24,7 @@ from modelavg.sweep.time_models import (
     TIME_MODEL_PRESETS,
     TimeModelSpec,
     seconds_function,
+    syncs_at,
     time_model_specs,
 )
 
@@ -44,7 +46,7 @@ def test_speedup_to_accuracy_by_hand():
         ],
         4: [([0, 25, 50], [0.2, 0.7, 0.79])],  # never reaches 0.795
     }
-    rows = speedup_to_accuracy(curves, 0.8, lambda n, f: 2 * f + (10 if n > 1 else 0))
+    rows = speedup_to_accuracy(curves, 0.8, lambda n, f, i: 2 * f + (10 if n > 1 else 0))
     by_n = {r["workers"]: r for r in rows}
     assert by_n[2]["run"] == 1 and by_n[1]["run"] == 0 and by_n[4]["run"] is None
     assert by_n[1]["target"] == pytest.approx(0.795)
@@ -72,7 +74,7 @@ def test_noise_ceiling_follows_the_reference_run_up_to_its_target():
     ng = noise_curve(metrics, 200, "noise_scale_ng")
     assert ng == ([0.0, 100.0, 200.0], [900.0, 900.0, 1e12])  # starts at frame 0
     curves = {1: [learning_curve(metrics, 200)], 2: [([0, 150], [0.2, 0.8])]}
-    rows = speedup_to_accuracy(curves, 0.8, lambda n, f: f)  # N = 1 reaches 0.795 at 197.5
+    rows = speedup_to_accuracy(curves, 0.8, lambda n, f, i: f)  # N = 1 reaches 0.795 at 197.5
     ref = {"noise_curve": noise_curve(metrics, 200), "noise_curve_ng": ng, "minibatch": 100}
     add_noise_ceilings(rows, [ref])
     by_n = {r["workers"]: r for r in rows}
@@ -89,7 +91,7 @@ def test_noise_ceiling_follows_the_reference_run_up_to_its_target():
     table = speedup_table("t", rows, used)
     assert "| ceiling (noise scale) | ceiling (NG metric) |" in table
     assert f"| {by_n[2]['ceiling']:.1%} | {by_n[2]['ceiling_ng']:.1%} |" in table
-    plain = speedup_to_accuracy(curves, 0.8, lambda n, f: f)
+    plain = speedup_to_accuracy(curves, 0.8, lambda n, f, i: f)
     add_noise_ceilings(plain, [{"noise_curve": ([], []), "minibatch": 100}])
     assert all("ceiling" not in r for r in plain)  # no noise scale logged: no column
     assert "ceiling" not in speedup_table("t", plain, used)
@@ -135,7 +137,7 @@ def test_paper_time_model_reproduces_calibrated_speedup():
     spec = TimeModelSpec("paper", "paper", "paper", "paper", "paper")
     seconds, _ = seconds_function(spec, group, Path("g.yaml"))
     curves = {n: [([0.0, frames / n], [0.0, 1.0])] for n in tm.PAPER_GPUS}
-    rows = speedup_to_accuracy(curves, 1.0, seconds, drop=0.0)
+    rows = speedup_to_accuracy(curves, 1.0, lambda n, f, i: seconds(n, f), drop=0.0)
     cal = calibration_report()
     for row, ref in zip(rows, cal.rows, strict=True):
         assert row["speedup"] == pytest.approx(ref["speedup_pred"], rel=1e-9)
@@ -174,3 +176,27 @@ def test_paper_hardware_drops_staging_and_overheads_only():
     assert hardware(16, frames) == pytest.approx(expected, rel=1e-12)
     assert hardware(16, frames) < paper(16, frames)
     assert hardware(1, frames) == pytest.approx(paper(1, frames), rel=1e-12)
+
+
+def test_each_run_is_priced_by_its_own_averagings():
+    """A warm-up's K = 1 syncs, group syncs and overlap change the modelled time; a run from
+    before the counts were logged is priced at one averaging a round."""
+    ref = {"minibatch": 1024, "avg_every": 10, "round_steps": 10, "parameters": 1000}
+    ref |= {"step_s": 0.01, "frames_per_worker_epoch": 1e6}
+    seconds, used = seconds_function(TIME_MODEL_PRESETS["paper-hardware"], [ref], Path("g.yaml"))
+    old = {**ref, "sync_curve": ([], [], [])}
+    warm = {**ref, "sync_curve": ([0.0, 5e5, 1e6], [0.0, 500.0, 549.0], [0.0, 0.0, 0.0])}
+    two = {**ref, "group_size": 4, "sync_curve": ([0.0, 1e6], [0.0, 98.0], [0.0, 882.0])}
+    over = {**ref, "overlap": True, "sync_curve": ([0.0, 1e6], [0.0, 98.0], [0.0, 0.0])}
+    assert syncs_at(old, 1e6) == tm.Syncs(1e6 / 10240)
+    assert syncs_at(warm, 7.5e5) == tm.Syncs(524.5)
+    assert syncs_at(two, 5e5) == tm.Syncs(49.0, 441.0, 4)
+    t = priced(seconds, {16: [old, warm, two, over]})
+    link, step = used["link"], used["step_s"]
+    ar16, ar4 = (link.allreduce_seconds(used["model_bytes"], n) for n in (16, 4))
+    compute = 1e6 / 1024 * step
+    assert t(16, 1e6, 0) == pytest.approx(compute + 1e6 / 10240 * ar16, rel=1e-12)
+    assert t(16, 1e6, 1) == pytest.approx(compute + 549 * ar16, rel=1e-12)
+    assert t(16, 1e6, 2) == pytest.approx(compute + 98 * ar16 + 882 * ar4, rel=1e-12)
+    assert t(16, 1e6, 3) == pytest.approx(compute + 98 * max(0, ar16 - 10 * step), rel=1e-12)
+    assert t(16, 1e6, 3) < t(16, 1e6, 0) < t(16, 1e6, 1)

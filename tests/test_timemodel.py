@@ -209,3 +209,19 @@ def test_held_out_k20_and_units(cal: cb.Calibration) -> None:
     text = cal.table()
     assert "host_staged" in text and len(text.splitlines()) == 4 + len(GPUS) + 1
     assert math.isfinite(cal.implied_flops)
+
+
+def test_logged_averagings_and_overlap_by_hand() -> None:
+    """A run's own averagings replace R_N (group ones at the group's size); overlap hides up to
+    K steps of each allreduce behind the next round."""
+    link = tm.Link(1e-4, 2e9)
+    steps = F / (16 * B)
+    syncs = tm.Syncs(full=300.0, group=900.0, group_size=4)
+    e = tm.epoch_time(F, 16, B, K, 0.2, M, link, syncs=syncs)
+    assert e.rounds == 300.0 and e.compute_s == pytest.approx(steps * 0.2)
+    assert e.comm_s == pytest.approx(300 * ring(16, M, 1e-4, 2e9) + 900 * ring(4, M, 1e-4, 2e9))
+    t16 = ring(16, M, 1e-4, 2e9)
+    for step in (t16 / (2 * K), t16 / K, 2 * t16 / K):  # half hidden, just hidden, all hidden
+        e = tm.epoch_time(F, 16, B, K, step, M, link, overlap=True)
+        assert e.comm_s == pytest.approx(steps / K * max(0.0, t16 - K * step))
+    assert tm.epoch_time(F, 16, B, K, t16 / K, M, link, overlap=True).comm_s == pytest.approx(0)

@@ -14,6 +14,10 @@ M model bytes, alpha latency, beta link bandwidth, beta_h host copy (PCIe) bandw
     host staged         t(N) += 2 M / beta_h    (GPU->host->GPU: the paper's MPI was not CUDA-aware)
     epoch time          T_N  = S_N t_step (1 + o) + R_N t(N) + s            (o = s = 0 for N = 1)
 
+A run whose period varies (a K = 1 warm-up, adaptive K, two-level groups of G) is priced by the
+averagings it logged instead of R_N: R_full t(N) + R_group t(G); overlapped averaging hides up to
+K t_step of each allreduce behind the next round's steps.
+
 ``o`` (parallel compute overhead) and ``s`` (fixed per-epoch cost) only apply to N > 1: the
 paper's multi-GPU runs spend more time per frame than its 1-GPU run, plus a per-epoch cost that
 does not shrink with N (fitted values: docs/RESULTS.md, "Time model calibrated on the paper's own
@@ -30,6 +34,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # --- The paper's setup and timing data ---
 # The data of the paper's figure "Scaling factor and speedup factor vs #GPUs" (the authors'
@@ -118,13 +123,21 @@ class Link:
 
 
 # --- Epoch time ---
+class Syncs(NamedTuple):
+    """The averagings a run made: over all workers, and inside groups of ``group_size``."""
+
+    full: float
+    group: float = 0.0
+    group_size: int = 1
+
+
 @dataclass(frozen=True)
 class EpochTime:
     """One epoch on ``workers`` workers: compute, communication and other (fixed) time."""
 
     workers: int
     steps: float  # minibatches per worker
-    rounds: float  # averaging rounds
+    rounds: float  # averagings over all workers
     compute_s: float
     comm_s: float
     other_s: float
@@ -143,25 +156,32 @@ def epoch_time(
     *,
     parallel_overhead: float = 0.0,
     parallel_fixed_s: float = 0.0,
+    syncs: Syncs | None = None,
+    overlap: bool = False,
 ) -> EpochTime:
     """T_N = S_N step (1 + o) + R_N allreduce(N) + s, with S_N = F/(N B), R_N = S_N/K.
 
-    Synchronous, blocking averaging (no overlap), as in the paper. ``parallel_overhead`` (o) and
-    ``parallel_fixed_s`` (s) apply only when workers > 1.
+    Blocking averaging, as in the paper, unless ``overlap`` (each allreduce runs beside the next
+    round's K steps: only max(0, allreduce - K step) shows). ``syncs``: the averagings the run
+    made instead of R_N, group ones priced on the same link (an upper bound where a group shares
+    a node's faster links). ``parallel_overhead`` (o) and ``parallel_fixed_s`` (s) apply only
+    when workers > 1.
     """
     if workers < 1 or minibatch < 1 or avg_every < 1:
         raise ValueError(
             f"need workers, minibatch, avg_every >= 1: {workers}, {minibatch}, {avg_every}"
         )
     steps = frames_per_epoch / (workers * minibatch)
-    rounds = steps / avg_every
+    syncs = syncs or Syncs(steps / avg_every)
     parallel = workers > 1
     compute = steps * step_seconds * (1.0 + (parallel_overhead if parallel else 0.0))
-    comm = rounds * link.allreduce_seconds(model_bytes, workers)
+    hidden = avg_every * step_seconds if overlap else 0.0
+    comm = syncs.full * max(0.0, link.allreduce_seconds(model_bytes, workers) - hidden)
+    comm += syncs.group * link.allreduce_seconds(model_bytes, syncs.group_size)
     other = parallel_fixed_s if parallel else 0.0
     total = compute + comm + other
     return EpochTime(
-        workers, steps, rounds, compute, comm, other, total, comm / total if total else 0.0
+        workers, steps, syncs.full, compute, comm, other, total, comm / total if total else 0.0
     )
 
 

@@ -95,6 +95,17 @@ def noise_curve(
     return [f for f, _ in points], [b for _, b in points]
 
 
+def sync_curve(metrics: list[dict], frames_per_epoch: int) -> tuple[list[float], ...]:
+    """(frames per worker, averagings over all workers, averagings inside groups) so far, at the
+    validations that logged them (runs from before the counts were logged: empty)."""
+    points = [(0.0, 0.0, 0.0)] + [
+        (f, float(m["syncs"]), float(m["group_syncs"]))
+        for f, m in validation_points(metrics, frames_per_epoch)
+        if "syncs" in m
+    ]
+    return tuple(map(list, zip(*points, strict=True))) if len(points) > 1 else ([], [], [])
+
+
 def validation_points(metrics: list[dict], frames_per_epoch: int) -> list[tuple[float, dict]]:
     """(frames per worker, record) of every validation: after each epoch and every cv_every."""
     points = []
@@ -136,6 +147,11 @@ def cell_result(cell_dir: Path) -> dict[str, Any]:
         "averaging_share": averaging / (compute + averaging) if compute + averaging else 0.0,
         "step_s": compute / (steps * local_workers) if steps else None,
         "parameters": start.get("parameters"),
+        "round_steps": round_steps,
+        "group_size": cfg.get("group_size") or 1,
+        "overlap": cfg.get("averaging") == "overlap",
+        "sync_curve": (syncs := sync_curve(metrics, per_epoch)),
+        "syncs": syncs[1][-1] if syncs[0] else None,
         "cv_acc_per_epoch": " ".join(
             f"{100 * a:.2f}" for f, a in zip(frames, acc, strict=True) if f % per_epoch == 0
         ),

@@ -24,7 +24,7 @@ from modelavg.io import atomic_write_bytes
 from modelavg.sweep.grid import PAPER_DROP, Grid
 from modelavg.sweep.plots import plot_speedup
 from modelavg.sweep.results import NOISE_CEILINGS, grouped, label
-from modelavg.sweep.time_models import paper_speedups, seconds_function
+from modelavg.sweep.time_models import paper_speedups, seconds_function, syncs_at
 
 Curve = tuple[Sequence[float], Sequence[float]]  # (frames per worker, CV accuracy)
 
@@ -44,11 +44,11 @@ def frames_to_reach(frames: Sequence[float], acc: Sequence[float], target: float
 def speedup_to_accuracy(
     curves: dict[int, list[Curve]],
     reference_accuracy: float,
-    seconds: Callable[[int, float], float],
+    seconds: Callable[[int, float, int], float],
     drop: float = PAPER_DROP,
 ) -> list[dict[str, Any]]:
     """Per N: frames per worker to reach (1-worker final accuracy - drop), the modelled time
-    ``seconds(N, frames)`` and speedup T1/TN, efficiency speedup/N (None where not reached).
+    ``seconds(N, frames, run)`` and speedup T1/TN, efficiency speedup/N (None where not reached).
 
     Each N may have several runs (e.g. epoch budgets, whose lr schedules anneal at different
     points, or lrs): the one that reaches the target with the fewest frames counts, for N = 1 as
@@ -60,11 +60,11 @@ def speedup_to_accuracy(
         found = [(frames_to_reach(*c, target), i) for i, c in enumerate(curves[n])]
         found = [(f, i) for f, i in found if f is not None]
         reach[n] = min(found) if found else (None, None)
-    f1 = reach.get(1, (None, None))[0]
-    t1 = seconds(1, f1) if f1 is not None else None
+    f1, run1 = reach.get(1, (None, None))
+    t1 = seconds(1, f1, run1) if f1 is not None else None
     rows = []
     for n, (f, run) in reach.items():
-        t = seconds(n, f) if f is not None else None
+        t = seconds(n, f, run) if f is not None else None
         sp = t1 / t if t1 is not None and t else None
         rows.append(
             {
@@ -102,7 +102,7 @@ def write_speedup(grid: Grid, rows: list[dict], out: Path) -> str:
             ref = max(runs[1], key=lambda r: r["cv_frame_accuracy"])  # the best 1-worker run
             curves = {n: [r["curve"] for r in rs] for n, rs in runs.items()}
             result = speedup_to_accuracy(
-                curves, ref["cv_frame_accuracy"], seconds, grid.accuracy_drop
+                curves, ref["cv_frame_accuracy"], priced(seconds, runs), grid.accuracy_drop
             )
             add_noise_ceilings(result, runs[1])
             partners = [n for n in grid.varying if n not in others and n != "workers"]
@@ -110,6 +110,7 @@ def write_speedup(grid: Grid, rows: list[dict], out: Path) -> str:
                 if row["run"] is not None:
                     cell = runs[row["workers"]][row["run"]]
                     row["run_label"] = ",".join(f"{n}={cell[n]}" for n in partners)
+                    row["syncs"] = syncs_at(cell, row["frames_to_target"])
             title = f"{label(key)} (time model: {spec.name})"
             tables.append(speedup_table(title, result, used))
             series.append((title if len(grid.time_models) > 1 else label(key), result))
@@ -117,6 +118,18 @@ def write_speedup(grid: Grid, rows: list[dict], out: Path) -> str:
     atomic_write_bytes(text.encode(), out / "speedup.md")
     plot_speedup(series, out / "speedup.png")
     return text
+
+
+def priced(
+    seconds: Callable[..., float], runs: dict[int, list[dict]]
+) -> Callable[[int, float, int], float]:
+    """``seconds`` for run ``i`` of N: its own averagings up to those frames, its overlap."""
+
+    def run_seconds(n: int, frames: float, i: int) -> float:
+        row = runs[n][i]
+        return seconds(n, frames, syncs_at(row, frames), bool(row.get("overlap")))
+
+    return run_seconds
 
 
 def add_noise_ceilings(result: list[dict], ones: list[dict]) -> None:
@@ -166,24 +179,32 @@ def speedup_table(title: str, result: list[dict], used: dict) -> str:
         )
         + f", parallel overhead {used['overhead']:.3g}.",
         "",
-        "| N | run | frames/worker to target | sample efficiency "
+        "| N | run | frames/worker to target | averagings to target | sample efficiency "
         + "".join(f"| {title} " for _, title in ceilings)
         + "| time-only efficiency | modelled time (s) | speedup | efficiency | paper speedup "
         "| paper efficiency |",
-        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(ceilings),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(ceilings),
     ]
     for r in result:
         n = r["workers"]
         p = paper.get(n)
         lines.append(
             f"| {n} | {r.get('run_label') or '-'} | {fmt(r['frames_to_target'], '.0f')} "
-            f"| {fmt(r['sample_efficiency'], '.1%', '-')} "
+            f"| {averagings(r)} | {fmt(r['sample_efficiency'], '.1%', '-')} "
             + "".join(f"| {fmt(r.get(key), '.1%', '-')} " for key, _ in ceilings)
             + f"| {fmt(time_only(r), '.1%', '-')} | {fmt(r['time_s'], '.4g', '-')} "
             f"| {fmt(r['speedup'], '.2f', '-')} | {fmt(r['efficiency'], '.1%', '-')} "
             f"| {f'{p[0]:.2f}' if p else '-'} | {f'{p[1]:.1%}' if p else '-'} |"
         )
     return "\n".join(lines)
+
+
+def averagings(row: dict) -> str:
+    """Averagings over all workers to the target, and inside groups where there were any."""
+    syncs = row.get("syncs")
+    if syncs is None or row["workers"] == 1:
+        return "-"
+    return f"{syncs.full:.0f}" + (f" + {syncs.group:.0f} in groups" if syncs.group else "")
 
 
 def time_only(row: dict) -> float | None:
@@ -211,7 +232,11 @@ def speedup_markdown(grid: Grid, tables: list[str]) -> str:
         "Speedup = T1/TN, efficiency = speedup/N; sample efficiency = frames(1) / "
         "(N frames(N)), what averaging costs in data (1: N workers need 1/N of the frames each), "
         "and time-only efficiency = efficiency / sample efficiency, what communication and "
-        "overheads cost at this K and minibatch. Where the reference run logged its gradient "
+        "overheads cost at this K and minibatch. Communication is priced by the averagings "
+        "each run logged up to the target (a K = 1 warm-up, adaptive K and two-level groups "
+        "cost what they did; runs from before the counts: one a round), and overlapped "
+        "averaging (`averaging: overlap`) only by the part of each allreduce that is longer "
+        "than a round's local steps. Where the reference run logged its gradient "
         "noise scale (`noise_scale: true`), the ceiling column is the best sample efficiency "
         "any N-worker run could have had along it (`modelavg.analysis.noise`: N workers "
         "acting like one minibatch N times larger, McCandlish et al. 2018); with NG-SGD a "

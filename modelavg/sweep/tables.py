@@ -31,6 +31,7 @@ RESULT_COLUMNS = (
     "train_s",
     "averaging_share",
     "step_s",
+    "syncs",
     "parameters",
     "cv_acc_per_epoch",
     "error",

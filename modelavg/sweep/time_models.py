@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modelavg.analysis import timemodel as tm
 from modelavg.analysis.calibration import calibration_report
 from modelavg.errors import UsageError
@@ -94,11 +96,13 @@ def _time_model_spec(raw: Any, where: Path, index: int) -> TimeModelSpec:
 
 def seconds_function(
     spec: TimeModelSpec, group: list[dict], where: Path
-) -> tuple[Callable[[int, float], float], dict[str, Any]]:
-    """``seconds(N, frames_per_worker)`` for one group of result rows (same B, K, model), and
-    the step, model bytes, link and overhead it used."""
+) -> tuple[Callable[..., float], dict[str, Any]]:
+    """``seconds(N, frames_per_worker, syncs=None, overlap=False)`` for one group of result rows
+    (same B, round length, model), and the step, model bytes, link and overhead it used.
+    ``syncs`` (``timemodel.Syncs``): the averagings a run logged up to that point, for schedules
+    whose period varies; without it, one per round."""
     ref = group[0]
-    minibatch, avg_every = int(ref["minibatch"]), int(ref["avg_every"])
+    minibatch, avg_every = int(ref["minibatch"]), int(ref.get("round_steps") or ref["avg_every"])
     cal = calibration_report()
     model_bytes = pick(
         spec.model_bytes, {"model": 4.0 * ref["parameters"], "paper": tm.PAPER_MODEL_BYTES}
@@ -126,7 +130,9 @@ def seconds_function(
             return cal.compute.parallel_fixed_s * n * frames / tm.PAPER_FRAMES_PER_EPOCH
         return float(spec.parallel_fixed_s) * frames / per_epoch
 
-    def seconds(n: int, frames: float) -> float:
+    def seconds(
+        n: int, frames: float, syncs: tm.Syncs | None = None, overlap: bool = False
+    ) -> float:
         e = tm.epoch_time(
             frames * n,
             n,
@@ -137,11 +143,23 @@ def seconds_function(
             link,
             parallel_overhead=overhead,
             parallel_fixed_s=fixed(n, frames),
+            syncs=syncs,
+            overlap=overlap,
         )
         return e.total_s
 
     described = {"step_s": step, "model_bytes": model_bytes, "link": link, "overhead": overhead}
     return seconds, described
+
+
+def syncs_at(row: dict, frames: float) -> tm.Syncs:
+    """The averagings ``row``'s run had made after ``frames`` per worker, interpolated on its
+    logged counts; one a round where it logged none (runs from before the counts)."""
+    curve = row.get("sync_curve") or ([], [], [])
+    if not curve[0]:
+        return tm.Syncs(frames / (row["round_steps"] * row["minibatch"]))
+    full, group = (float(np.interp(frames, curve[0], c)) for c in curve[1:])
+    return tm.Syncs(full, group, int(row.get("group_size") or 1))
 
 
 def pick(value: Any, words: dict[str, float]) -> float:
