@@ -29,7 +29,11 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a train --out directory with final_cv.json")
     parser.add_argument("--margin", type=float, default=0.5, help="target = final - margin (%%)")
     args = parser.parse_args()
+    if not (args.run / "final_cv.json").exists():
+        raise SystemExit(f"{args.run}: no final_cv.json (not a finished train --out directory)")
     run = cell_result(args.run)
+    if all(len(run[s.curve][0]) < 2 for s in NOISE_CEILINGS):
+        raise SystemExit(f"{args.run}: logged no noise scale (train it with --noise-scale)")
     minibatch = int(yaml.safe_load((args.run / "config.yaml").read_text())["minibatch"])
     target = run["cv_frame_accuracy"] - args.margin / 100
     until = frames_to_reach(*run["curve"], target)
@@ -38,7 +42,7 @@ def main() -> None:
     print(f"reached after {until:,.0f} frames (minibatch {minibatch})")
     for series in NOISE_CEILINGS:
         frames, scales = run[series.curve]
-        if len(frames) < 2:
+        if len(frames) < 2:  # e.g. no NG-metric series in an SGD run
             continue
         for epoch in range(run["epochs_run"]):
             seen = [
