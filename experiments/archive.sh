@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Keep a sweep's measurements in the repository: every cell's options, logs and final CV result,
-# and the reports, without models, checkpoints or TensorBoard files (a few KB per cell).
+# and the reports, and each cell's test WER and hypotheses where the grid decodes, without models,
+# checkpoints or TensorBoard files (a few KB per cell).
 #   experiments/archive.sh NAME                    # exp/sweep/NAME -> experiments/runs/NAME
 #   cp -r experiments/runs/NAME exp/sweep/         # back: `modelavg sweep` skips those cells
 #                                                  # (final_cv.json) and reports them with the rest
@@ -17,6 +18,11 @@ for cell in "$src"/*/; do
   mkdir -p "$dst/$(basename "$cell")"
   for f in cell.json cell.yaml config.yaml final_cv.json metrics.jsonl train.log; do
     [ -f "$cell/$f" ] && cp "$cell/$f" "$dst/$(basename "$cell")/"
+  done
+  for dec in "$cell"/decode_*/; do                          # a sweep's WER (graph: in the grid)
+    [ -f "$dec/sweep_wer.json" ] || continue
+    mkdir -p "$dst/$(basename "$cell")/$(basename "$dec")"
+    cp "$dec"/sweep_wer.json "$dec"/wer.json "$dec"/hyp.txt "$dst/$(basename "$cell")/$(basename "$dec")/" 2>/dev/null || true
   done
 done
 echo "$dst: $(find "$dst" -name final_cv.json | wc -l) finished cells"
