@@ -176,6 +176,8 @@ def test_only_selects_cells_by_their_directory_names_values(sweep, tmp_path):
     rows = run_sweep(grid, out, dry_run=True, only=["avg_every=2"], log=lines.append)
     assert [(r["workers"], r["avg_every"]) for r in rows] == [(1, 2), (2, 2)]
     assert all("avg_every=2:" in line and "skip" in line for line in lines)  # the grid's dirs
+    rows = run_sweep(grid, out, dry_run=True, only=["avg_every=1,2", "workers=2"], log=lines.append)
+    assert sorted(r["avg_every"] for r in rows) == [1, 2]  # a comma is "or" within one option
     for bad, message in [("avg_every=3", "no cell of"), ("lr=0.5", "one of the grid's")]:
         with pytest.raises(UsageError, match=f"--only {bad}: .*{message}"):
             run_sweep(grid, tmp_path / "x", dry_run=True, only=[bad])

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="OPTION=VALUE",
         help="run and report only the cells whose grid option has this value, e.g. "
-        "--only optimizer=ngsgd (repeatable; cell directories are the full grid's)",
+        "--only optimizer=ngsgd; VALUE may list several, e.g. --only averaging=model,bmuf "
+        "(repeatable: a cell must match each; cell directories are the full grid's)",
     )
 
 

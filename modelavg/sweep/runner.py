@@ -124,7 +124,8 @@ def run_sweep(
 
 def select_cells(grid: Grid, only: list[str]) -> list[Cell]:
     """The cells whose varying options match every ``option=value`` of ``only`` (as written in
-    the cell's directory name)."""
+    the cell's directory name; ``option=a,b`` matches either value: a directory name cannot
+    hold a comma inside a value, so the comma is free to mean "or")."""
     cells = grid.cells
     for spec in only:
         key, sep, value = spec.partition("=")
@@ -133,7 +134,8 @@ def select_cells(grid: Grid, only: list[str]) -> list[Cell]:
                 f"--only {spec}: expected OPTION=VALUE with OPTION one of the grid's "
                 f"{', '.join(grid.varying)}"
             )
-        cells = [c for c in cells if f"{key}={format_value(key, c.varying[key])}" == spec]
+        wanted = set(value.split(","))
+        cells = [c for c in cells if format_value(key, c.varying[key]) in wanted]
         if not cells:
             raise UsageError(f"--only {spec}: no cell of {grid.path} has this value")
     return cells
