@@ -21,8 +21,10 @@ for cell in "$src"/*/; do
   done
   for dec in "$cell"/decode_*/; do                          # a sweep's WER (graph: in the grid)
     [ -f "$dec/sweep_wer.json" ] || continue
-    mkdir -p "$dst/$(basename "$cell")/$(basename "$dec")"
-    cp "$dec"/sweep_wer.json "$dec"/wer.json "$dec"/hyp.txt "$dst/$(basename "$cell")/$(basename "$dec")/" 2>/dev/null || true
+    keep="$dst/$(basename "$cell")/$(basename "$dec")" && mkdir -p "$keep"
+    for f in sweep_wer.json wer.json hyp.txt; do
+      [ -f "$dec/$f" ] && cp "$dec/$f" "$keep/"
+    done
   done
 done
 echo "$dst: $(find "$dst" -name final_cv.json | wc -l) finished cells"
