@@ -256,7 +256,9 @@ class TrainConfig(RunOptions, ParallelOptions, DataOptions):
     averaging: str = opt(
         "model",
         "averaging algorithm; overlap: plain averaging whose allreduce runs during the next "
-        "round and is applied one round late, keeping the local progress (blocking at epoch ends)",
+        "round and is applied one round late, keeping the local progress (blocking at epoch ends); "
+        "butterfly: each worker averages with one partner, id XOR 2^(sync mod log2 N), "
+        "an allreduce at epoch ends (N a power of 2)",
         ALGORITHMS,
         "parallel",
     )

@@ -133,7 +133,8 @@ def start(cfg: TrainConfig, comm: Communicator, control: Control) -> Run:
     """Data, workers, algorithms; then either the initial validation or a resume."""
     data = load_training_data(cfg, comm)
     reduce = reduced_precision(comm, cfg.avg_dtype)  # --avg-dtype: the reduction's dtype
-    averager = make_averager(cfg.averaging, reduce, **algorithm_options(cfg))
+    with comm.one_voice():  # an algorithm may refuse this N (butterfly: powers of 2 only)
+        averager = make_averager(cfg.averaging, reduce, **algorithm_options(cfg))
     engine = Engine(comm, averager, cfg.round_steps, cfg.minibatch, cfg.seed, cfg.buffer_frames)
     workers = make_workers(cfg, engine, data)
     with comm.one_voice():  # option errors come before its only collective (process subgroups)

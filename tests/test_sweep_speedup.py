@@ -187,11 +187,12 @@ def test_each_run_is_priced_by_its_own_averagings():
     old = {**ref, "sync_curve": ([], [], [])}
     warm = {**ref, "sync_curve": ([0.0, 5e5, 1e6], [0.0, 500.0, 549.0], [0.0, 0.0, 0.0])}
     two = {**ref, "group_size": 4, "sync_curve": ([0.0, 1e6], [0.0, 98.0], [0.0, 882.0])}
-    over = {**ref, "overlap": True, "sync_curve": ([0.0, 1e6], [0.0, 98.0], [0.0, 0.0])}
+    over = {**ref, "averaging": "overlap", "sync_curve": ([0.0, 1e6], [0.0, 98.0], [0.0, 0.0])}
     assert syncs_at(old, 1e6) == tm.Syncs(1e6 / 10240)
     assert syncs_at(warm, 7.5e5) == tm.Syncs(524.5)
     assert syncs_at(two, 5e5) == tm.Syncs(49.0, 441.0, 4)
-    t = priced(seconds, {16: [old, warm, two, over]})
+    fly = {**ref, "averaging": "butterfly", "sync_curve": ([0.0, 1e6], [0.0, 98.0], [0.0, 0.0])}
+    t = priced(seconds, {16: [old, warm, two, over, fly]})
     link, step = used["link"], used["step_s"]
     ar16, ar4 = (link.allreduce_seconds(used["model_bytes"], n) for n in (16, 4))
     compute = 1e6 / 1024 * step
@@ -200,3 +201,5 @@ def test_each_run_is_priced_by_its_own_averagings():
     assert t(16, 1e6, 2) == pytest.approx(compute + 98 * ar16 + 882 * ar4, rel=1e-12)
     assert t(16, 1e6, 3) == pytest.approx(compute + 98 * max(0, ar16 - 10 * step), rel=1e-12)
     assert t(16, 1e6, 3) < t(16, 1e6, 0) < t(16, 1e6, 1)
+    exchange = link.exchange_seconds(used["model_bytes"])
+    assert t(16, 1e6, 4) == pytest.approx(compute + 98 * exchange, rel=1e-12)

@@ -3,7 +3,8 @@
 The paper's speedup figure gives, per GPU count, the epoch time and its MPI part. The MPI column
 fixes the link: MPI_N = R_N t(N) is linear in (host staging, latency, 1/bandwidth). The rest fixes
 the compute: T_N - MPI_N = T_1 (1 + o) / N + s for N > 1. The fit uses relative errors (every N
-weighs the same); the paper's K=20 point at 16 GPUs is held out as a check. The fitted values and
+weighs the same); the paper's K=20 point at 16 GPUs and the drafts' butterfly columns (one
+pairwise exchange per averaging) are held out as checks. The fitted values and
 what they say are in docs/RESULTS.md ("Time model calibrated on the paper's own timing data").
 
     python -m modelavg.analysis.calibration    # the fit, then predictions up to N = 64
@@ -26,6 +27,8 @@ import numpy as np
 
 from modelavg.analysis.timemodel import (
     PAPER_AVG_EVERY,
+    PAPER_BUTTERFLY_EPOCH_MIN,
+    PAPER_BUTTERFLY_MPI_MIN,
     PAPER_EPOCH_MIN,
     PAPER_FRAMES_PER_EPOCH,
     PAPER_GPUS,
@@ -180,6 +183,7 @@ class Calibration:
     compute: ComputeFit
     rows: list[dict[str, float | None]]
     validation: dict[str, float]  # K=20 at 16 GPUs, not used in the fit
+    butterfly: list[dict[str, float]]  # the butterfly columns, not used in the fit
     implied_flops: float  # 1-GPU rate at 6 flops per parameter per frame (fwd + bwd)
 
     @property
@@ -219,6 +223,14 @@ class Calibration:
             f"({v['rel_err']:+.1%}); if the overhead were per averaging round: "
             f"{v['speedup_if_per_round']:.2f}"
         )
+        lines.append("held out, butterfly: N  MPI  pred (staged, err)  pred (unstaged, err)  "
+                     "speedup  pred")  # fmt: skip
+        for b in self.butterfly:
+            lines.append(
+                f"{b['workers']:2d} {b['mpi_min']:5.2f} {b['mpi_pred_min']:6.2f} "
+                f"{b['mpi_rel_err']:+6.1%} {b['mpi_unstaged_min']:6.2f} "
+                f"{b['mpi_unstaged_rel_err']:+6.1%} {b['speedup']:6.2f} {b['speedup_pred']:6.2f}"
+            )
         return "\n".join(lines)
 
 
@@ -288,8 +300,39 @@ def calibration_report(
         "speedup_if_per_round": speedup(t1_pred, alt),
     }
     flops = 6 * (model_bytes / 4) * minibatch / comp.step_seconds
+    unstaged = Link(lf.link.latency_s, lf.link.bandwidth_Bps)
+    butterfly = []
+    for n, t, m in zip(PAPER_GPUS, PAPER_BUTTERFLY_EPOCH_MIN, PAPER_BUTTERFLY_MPI_MIN, strict=True):
+        if n == 1:
+            continue
+        e = predict(n, avg_every, averaging="butterfly", **over)
+        bare = averaging_rounds(frames, n, minibatch, avg_every) * unstaged.exchange_seconds(
+            model_bytes
+        )
+        butterfly.append(
+            {
+                "workers": n,
+                "mpi_min": m,
+                "mpi_pred_min": e.comm_s / 60,
+                "mpi_rel_err": (e.comm_s / 60 - m) / m,
+                "mpi_unstaged_min": bare / 60,
+                "mpi_unstaged_rel_err": (bare / 60 - m) / m,
+                "speedup": PAPER_EPOCH_MIN[0] / t,
+                "speedup_pred": speedup(t1_pred, e.total_s),
+            }
+        )
     return Calibration(
-        frames, minibatch, avg_every, model_bytes, lf, ring, comp, rows, validation, flops
+        frames,
+        minibatch,
+        avg_every,
+        model_bytes,
+        lf,
+        ring,
+        comp,
+        rows,
+        validation,
+        butterfly,
+        flops,
     )
 
 

@@ -12,11 +12,13 @@ M model bytes, alpha latency, beta link bandwidth, beta_h host copy (PCIe) bandw
     averaging rounds    R_N  = S_N / K
     ring allreduce      t(N) = 2 (N-1) alpha + 2 (N-1)/N M / beta            (0 for N = 1)
     host staged         t(N) += 2 M / beta_h    (GPU->host->GPU: the paper's MPI was not CUDA-aware)
+    pairwise exchange   x    = alpha + M / beta (+ 2 M / beta_h)   (butterfly mixing, full duplex)
     epoch time          T_N  = S_N t_step (1 + o) + R_N t(N) + s            (o = s = 0 for N = 1)
 
 A run whose period varies (a K = 1 warm-up, adaptive K, two-level groups of G) is priced by the
 averagings it logged instead of R_N: R_full t(N) + R_group t(G); overlapped averaging hides up to
-K t_step of each allreduce behind the next round's steps.
+K t_step of each allreduce behind the next round's steps; butterfly mixing pays x per sync instead
+of t(N) (its one allreduce per epoch end is not priced: one in hundreds of syncs).
 
 ``o`` (parallel compute overhead) and ``s`` (fixed per-epoch cost) only apply to N > 1: the
 paper's multi-GPU runs spend more time per frame than its 1-GPU run, plus a per-epoch cost that
@@ -73,6 +75,12 @@ PAPER_MODEL_BYTES = 4 * PAPER_MODEL_PARAMS  # fp32: 159.7 MB = 152.3 MiB per all
 PAPER_FRAMES_PER_EPOCH = frames_per_epoch(PAPER_TRAIN_HOURS)  # 92,664,000 (assumption, see above)
 
 
+# The butterfly columns of the same `time.dat` (cut from the paper's plot): the drafts' pairwise
+# mixing, one partner per averaging; held out from the fit.
+PAPER_BUTTERFLY_EPOCH_MIN = (254.5, 175.6, 90.0, 46.8, 25.2, 14.12)
+PAPER_BUTTERFLY_MPI_MIN = (0.0, 12.1, 6.69, 3.39, 2.17, 1.16)
+
+
 # --- Communication ---
 def allreduce_seconds(
     num_bytes: float,
@@ -121,6 +129,12 @@ class Link:
         lat, bw, host = self.latency_s, self.bandwidth_Bps, self.host_bandwidth_Bps
         return allreduce_seconds(num_bytes, workers, lat, bw, self.algorithm, host)
 
+    def exchange_seconds(self, num_bytes: float) -> float:
+        """One pairwise exchange (butterfly mixing): both partners send and receive the model
+        at once on a full-duplex link, latency + M / beta, plus the host staging if any."""
+        staging = 2 * num_bytes / self.host_bandwidth_Bps if self.host_bandwidth_Bps else 0.0
+        return self.latency_s + num_bytes / self.bandwidth_Bps + staging
+
 
 # --- Epoch time ---
 class Syncs(NamedTuple):
@@ -157,15 +171,16 @@ def epoch_time(
     parallel_overhead: float = 0.0,
     parallel_fixed_s: float = 0.0,
     syncs: Syncs | None = None,
-    overlap: bool = False,
+    averaging: str = "model",
 ) -> EpochTime:
     """T_N = S_N step (1 + o) + R_N allreduce(N) + s, with S_N = F/(N B), R_N = S_N/K.
 
-    Blocking averaging, as in the paper, unless ``overlap`` (each allreduce runs beside the next
-    round's K steps: only max(0, allreduce - K step) shows). ``syncs``: the averagings the run
-    made instead of R_N, group ones priced on the same link (an upper bound where a group shares
-    a node's faster links). ``parallel_overhead`` (o) and ``parallel_fixed_s`` (s) apply only
-    when workers > 1.
+    Blocking allreduces, as in the paper, unless ``averaging`` is ``overlap`` (each allreduce
+    runs beside the next round's K steps: only max(0, allreduce - K step) shows) or
+    ``butterfly`` (one pairwise exchange per sync instead of an allreduce). ``syncs``: the
+    averagings the run made instead of R_N, group ones priced on the same link (an upper bound
+    where a group shares a node's faster links). ``parallel_overhead`` (o) and
+    ``parallel_fixed_s`` (s) apply only when workers > 1.
     """
     if workers < 1 or minibatch < 1 or avg_every < 1:
         raise ValueError(
@@ -175,8 +190,12 @@ def epoch_time(
     syncs = syncs or Syncs(steps / avg_every)
     parallel = workers > 1
     compute = steps * step_seconds * (1.0 + (parallel_overhead if parallel else 0.0))
-    hidden = avg_every * step_seconds if overlap else 0.0
-    comm = syncs.full * max(0.0, link.allreduce_seconds(model_bytes, workers) - hidden)
+    hidden = avg_every * step_seconds if averaging == "overlap" else 0.0
+    if averaging == "butterfly" and parallel:
+        per_sync = link.exchange_seconds(model_bytes)
+    else:
+        per_sync = link.allreduce_seconds(model_bytes, workers)
+    comm = syncs.full * max(0.0, per_sync - hidden)
     comm += syncs.group * link.allreduce_seconds(model_bytes, syncs.group_size)
     other = parallel_fixed_s if parallel else 0.0
     total = compute + comm + other

@@ -60,6 +60,13 @@ def unflatten_(flat: torch.Tensor, model: nn.Module) -> None:
         offset += p.numel()
 
 
+def write_back(flats: list[torch.Tensor], models: list[nn.Module]) -> None:
+    """Copy each flat buffer into its model, unless it is the model's own shared buffer."""
+    for flat, model in zip(flats, models, strict=True):
+        if flat is not getattr(model, "_flat_parameters", None):
+            unflatten_(flat, model)
+
+
 class Averager(ABC):
     def __init__(self, comm: Communicator) -> None:
         self.comm = comm
@@ -76,9 +83,7 @@ class Averager(ABC):
         with torch.no_grad():
             flats = [flatten(m) for m in models]
             self._sync(flats)
-            for flat, model in zip(flats, models, strict=True):
-                if flat is not getattr(model, "_flat_parameters", None):
-                    unflatten_(flat, model)
+            write_back(flats, models)
         self.syncs += 1
 
     def settle(self, models: list[nn.Module]) -> None:  # noqa: B027

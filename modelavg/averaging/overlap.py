@@ -33,14 +33,11 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from modelavg.averaging.base import Averager, flatten, unflatten_
+from modelavg.averaging.base import Averager, flatten, unflatten_, write_back
 from modelavg.comm.base import Communicator, Pending
-from modelavg.errors import UsageError
 
 
 class OverlapAverager(Averager):
@@ -82,9 +79,7 @@ class OverlapAverager(Averager):
         the mean of all replicas (blocking averaging's model)."""
         flats = [flatten(m) for m in models]
         self._apply(flats)
-        for flat, model in zip(flats, models, strict=True):
-            if flat is not getattr(model, "_flat_parameters", None):
-                unflatten_(flat, model)
+        write_back(flats, models)
 
     def state_dict(self) -> dict:
         """The started sum (waited for: the same numbers the next sync would apply); global."""
@@ -122,15 +117,3 @@ class OverlapAverager(Averager):
                 unflatten_(state["sum"] / workers_before, model)
         self.start(models)
         return "restarted"
-
-
-def refuse_unsupported(cfg: Any, warmup_rounds: int) -> None:
-    """Options that need the replicas equal mid-epoch, or a blocking sync inside a round."""
-    if cfg.group_size is not None:
-        raise UsageError("--group-size: overlapped averaging has no two-level variant")
-    if cfg.avg_every == "auto":
-        raise UsageError("--avg-every auto: overlapped averaging needs a fixed period")
-    if warmup_rounds:
-        raise UsageError("--avg-warmup: overlapped averaging has no warm-up")
-    if cfg.cv_every:
-        raise UsageError("--cv-every: overlapped averaging has equal replicas at epoch ends only")

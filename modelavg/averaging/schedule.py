@@ -33,7 +33,6 @@ from torch import nn
 
 from modelavg.averaging.base import Averager
 from modelavg.averaging.optstate import OptimizerStateSync
-from modelavg.averaging.overlap import refuse_unsupported
 from modelavg.averaging.periodic import ModelAverager
 from modelavg.comm.group import group_communicator
 from modelavg.errors import UsageError
@@ -212,6 +211,28 @@ def warmup_rounds(spec: str | int, rounds_per_epoch: int, frames_per_round: int)
     return math.ceil(value / frames_per_round)
 
 
+# algorithms whose replicas differ inside an epoch (equal again at its end)
+UNEQUAL_REPLICAS = {"overlap": "overlapped averaging", "butterfly": "butterfly mixing"}
+
+
+def refuse_unsupported(cfg: Any, warmup_rounds: int) -> None:
+    """Options that need the replicas equal mid-epoch; for overlap also those that put a
+    blocking sync inside a round."""
+    name = UNEQUAL_REPLICAS.get(cfg.averaging)
+    if name is None:
+        return
+    if cfg.group_size is not None:
+        raise UsageError(f"--group-size: {name} has no two-level variant")
+    if cfg.cv_every:
+        raise UsageError(f"--cv-every: {name} has equal replicas at epoch ends only")
+    if cfg.averaging != "overlap":
+        return
+    if cfg.avg_every == "auto":
+        raise UsageError("--avg-every auto: overlapped averaging needs a fixed period")
+    if warmup_rounds:
+        raise UsageError("--avg-warmup: overlapped averaging has no warm-up")
+
+
 def build_schedule(
     cfg: Any,
     averager: Averager,
@@ -230,8 +251,7 @@ def build_schedule(
         return OptimizerStateSync(inner, optimizers, cfg.optimizer_state)
 
     warm = warmup_rounds(cfg.avg_warmup, rounds_per_epoch, frames_per_round)
-    if cfg.averaging == "overlap":
-        refuse_unsupported(cfg, warm)
+    refuse_unsupported(cfg, warm)
     top = with_state(averager)
     if cfg.group_size is not None:
         if cfg.avg_every == "auto" or cfg.avg_every_inner >= cfg.round_steps:

@@ -8,7 +8,8 @@ Every reduction is "sum the local buffers, sum across processes, (scale)", so N 
 one process and N processes with one worker each do the same arithmetic. A reduction may also be
 started and waited for later (``allreduce_sum_async_``), so that computation overlaps it; a
 backend without non-blocking collectives (and one process, which has nothing to wait for) just
-finishes it at once.
+finishes it at once. Butterfly mixing needs one point-to-point primitive beside them: every worker
+averages with the one partner whose id differs in one bit (``exchange_mean_``).
 
 Example::
 
@@ -76,6 +77,11 @@ class Communicator(ABC):
         self._allreduce_sum_(tensor)
         return _nothing
 
+    def _exchange_(self, send: torch.Tensor, recv: torch.Tensor, peer: int) -> None:
+        """Send ``send`` to process ``peer`` and receive its buffer into ``recv`` (both at once:
+        each of the pair calls this with the other as ``peer``)."""
+        raise UsageError(f"{type(self).__name__} has no point-to-point exchange")
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:  # noqa: B027
         """Overwrite ``tensor`` with process ``src``'s copy (no-op for a single process)."""
 
@@ -119,6 +125,26 @@ class Communicator(ABC):
         self.allreduce_sum_(buffers)
         for b in buffers:
             b.div_(self.num_workers)
+
+    def exchange_mean_(self, buffers: list[torch.Tensor], distance: int) -> None:
+        """Make each local buffer the mean of itself and that of worker ``id XOR distance`` (a
+        power of 2 below N, which is a power of 2): in-process pairs are averaged here, a partner
+        in another process is reached with one exchange per buffer. Both halves of a pair compute
+        (a + b) / 2 with the same two numbers, so they stay bitwise equal."""
+        if len(buffers) != self.local_workers:
+            raise ValueError(f"expected {self.local_workers} buffers, got {len(buffers)}")
+        if distance < self.local_workers:
+            for i, a in enumerate(buffers):
+                if i < i ^ distance:
+                    b = buffers[i ^ distance]
+                    a.add_(b).mul_(0.5)
+                    b.copy_(a)
+            return
+        peer = self.process_rank ^ (distance // self.local_workers)
+        for a in buffers:
+            received = torch.empty_like(a)
+            self._exchange_(a, received, peer)
+            a.add_(received).mul_(0.5)
 
     def sum_stats(self, per_worker: list[torch.Tensor]) -> torch.Tensor:
         """Global sum of small per-worker statistics (returns a new tensor, inputs untouched).

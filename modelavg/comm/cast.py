@@ -1,8 +1,9 @@
 """Averaging in a narrower dtype (``--avg-dtype bf16|fp16``): half the bytes per allreduce.
 
-Every buffer is rounded to the dtype, the reduction runs in it (the local fold of in-process
-workers too, so N in-process workers compute what N processes do), and the result is written back
-into the buffer, which keeps its own dtype: the replicas stay fp32, holding the rounded average.
+Every buffer is rounded to the dtype, the reduction (or butterfly exchange) runs in it (the local
+fold of in-process workers too, so N in-process workers compute what N processes do), and the
+result is written back into the buffer, which keeps its own dtype: the replicas stay fp32,
+holding the rounded average.
 
 Example::
 
@@ -38,6 +39,12 @@ class ReducedPrecision(Communicator):
                 b.copy_(n)
 
         return Pending(finish)
+
+    def exchange_mean_(self, buffers: list[torch.Tensor], distance: int) -> None:
+        narrow = [b.to(self.dtype) for b in buffers]
+        self.inner.exchange_mean_(narrow, distance)
+        for b, n in zip(buffers, narrow, strict=True):
+            b.copy_(n)
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         self.inner.broadcast_(tensor, src)

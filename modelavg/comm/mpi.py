@@ -57,9 +57,10 @@ class MPICommunicator(Communicator):
         self._staging: dict[tuple, torch.Tensor] = {}
 
     def _host(self, tensor: torch.Tensor, slot: str = "sync") -> torch.Tensor:
-        """The pinned host buffer for tensors of this shape and dtype in ``slot`` (``sync``, or
-        ``async`` for the one started reduction in flight), allocated once (a model-sized
-        pageable allocation per averaging would cost more than the copy)."""
+        """The pinned host buffer for tensors of this shape and dtype in ``slot`` (``sync``,
+        ``async`` for the one started reduction in flight, ``recv`` for an exchange's receive),
+        allocated once (a model-sized pageable allocation per averaging would cost more than the
+        copy)."""
         key = (tuple(tensor.shape), tensor.dtype, slot)
         if key not in self._staging:
             pin = torch.cuda.is_available()
@@ -94,6 +95,13 @@ class MPICommunicator(Communicator):
                 tensor.copy_(host, non_blocking=True)
 
         return wait
+
+    def _exchange_(self, send: torch.Tensor, recv: torch.Tensor, peer: int) -> None:
+        out, _ = self._buffer(send)
+        into, host = self._buffer(recv, "recv")
+        self.comm.Sendrecv(out, dest=peer, recvbuf=into, source=peer)
+        if host is not None:
+            recv.copy_(host, non_blocking=True)
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         buf, host = self._buffer(tensor)

@@ -113,6 +113,15 @@ class TorchDistCommunicator(Communicator):
 
         return wait
 
+    def _exchange_(self, send: torch.Tensor, recv: torch.Tensor, peer: int) -> None:
+        """One send and one receive, started together (neither side waits for the other's
+        receive to be posted first)."""
+        self.check_device(send)
+        ops = [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
+        with self._collective():
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         self.check_device(tensor)
         with self._collective():

@@ -149,7 +149,7 @@ def cell_result(cell_dir: Path) -> dict[str, Any]:
         "parameters": start.get("parameters"),
         "round_steps": round_steps,
         "group_size": cfg.get("group_size") or 1,
-        "overlap": cfg.get("averaging") == "overlap",
+        "averaging": cfg.get("averaging") or "model",
         "sync_curve": (syncs := sync_curve(metrics, per_epoch)),
         "syncs": syncs[1][-1] if syncs[0] else None,
         "cv_acc_per_epoch": " ".join(

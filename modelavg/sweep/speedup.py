@@ -123,11 +123,12 @@ def write_speedup(grid: Grid, rows: list[dict], out: Path) -> str:
 def priced(
     seconds: Callable[..., float], runs: dict[int, list[dict]]
 ) -> Callable[[int, float, int], float]:
-    """``seconds`` for run ``i`` of N: its own averagings up to those frames, its overlap."""
+    """``seconds`` for run ``i`` of N: its own averagings up to those frames, its algorithm's
+    cost per averaging."""
 
     def run_seconds(n: int, frames: float, i: int) -> float:
         row = runs[n][i]
-        return seconds(n, frames, syncs_at(row, frames), bool(row.get("overlap")))
+        return seconds(n, frames, syncs_at(row, frames), row.get("averaging") or "model")
 
     return run_seconds
 
@@ -236,8 +237,9 @@ def speedup_markdown(grid: Grid, tables: list[str]) -> str:
         "each run logged up to the target (a K = 1 warm-up, adaptive K and two-level groups "
         "cost what they did; runs from before the counts: one a round), and overlapped "
         "averaging (`averaging: overlap`) only by the part of each allreduce that is longer "
-        "than a round's local steps. Where the reference run logged its gradient "
-        "noise scale (`noise_scale: true`), the ceiling column is the best sample efficiency "
+        "than a round's local steps, butterfly mixing by one pairwise exchange per sync. "
+        "Where the reference run logged its gradient noise scale (`noise_scale: true`), "
+        "the ceiling column is the best sample efficiency "
         "any N-worker run could have had along it (`modelavg.analysis.noise`: N workers "
         "acting like one minibatch N times larger, McCandlish et al. 2018); with NG-SGD a "
         "second one measures the noise scale in NG-SGD's own metric. "

@@ -97,7 +97,7 @@ def _time_model_spec(raw: Any, where: Path, index: int) -> TimeModelSpec:
 def seconds_function(
     spec: TimeModelSpec, group: list[dict], where: Path
 ) -> tuple[Callable[..., float], dict[str, Any]]:
-    """``seconds(N, frames_per_worker, syncs=None, overlap=False)`` for one group of result rows
+    """``seconds(N, frames_per_worker, syncs=None, averaging="model")`` for one group of result rows
     (same B, round length, model), and the step, model bytes, link and overhead it used.
     ``syncs`` (``timemodel.Syncs``): the averagings a run logged up to that point, for schedules
     whose period varies; without it, one per round."""
@@ -131,7 +131,7 @@ def seconds_function(
         return float(spec.parallel_fixed_s) * frames / per_epoch
 
     def seconds(
-        n: int, frames: float, syncs: tm.Syncs | None = None, overlap: bool = False
+        n: int, frames: float, syncs: tm.Syncs | None = None, averaging: str = "model"
     ) -> float:
         e = tm.epoch_time(
             frames * n,
@@ -144,7 +144,7 @@ def seconds_function(
             parallel_overhead=overhead,
             parallel_fixed_s=fixed(n, frames),
             syncs=syncs,
-            overlap=overlap,
+            averaging=averaging,
         )
         return e.total_s
 
