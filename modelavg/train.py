@@ -24,8 +24,8 @@ from modelavg import checkpoint as ckpt
 from modelavg import elastic
 from modelavg.analysis.live import noise_fields, noise_scale_check
 from modelavg.averaging import algorithm_options, make_averager
-from modelavg.averaging.base import share_flat_storage_
-from modelavg.averaging.schedule import build_schedule, warmup_rounds
+from modelavg.averaging.base import averaged_copies, share_flat_storage_
+from modelavg.averaging.schedule import UNEQUAL_REPLICAS, build_schedule, warmup_rounds
 from modelavg.averaging.spread import replica_spread
 from modelavg.comm.base import Communicator
 from modelavg.comm.cast import reduced_precision
@@ -215,15 +215,8 @@ def end_epoch(run: Run) -> bool:
     left = [torch.tensor(float(len(w.table) - used), device=comm.device) for w in run.workers]
     record = {"kind": "epoch", "epoch": run.epoch, "frames": run.frames(run.rounds)}
     record |= {"accepted": accepted, "lr_next": run.schedule.lr, **run.engine.syncs}
-    run.log.write(
-        {
-            **record,
-            "leftover_frames": int(comm.sum_stats(left)),
-            **prefixed("cv", cv),
-            **extras(run),
-            **times,
-        }
-    )
+    record |= {"leftover_frames": int(comm.sum_stats(left)), **prefixed("cv", cv)}
+    run.log.write({**record, **extras(run), **times})
     if comm.is_main:
         seconds = times["compute_s"] + times["averaging_s"]
         print(
@@ -257,9 +250,14 @@ def finish(run: Run) -> dict:
     return final
 
 
-def validate(run: Run) -> dict:
-    """CV cross-entropy and frame accuracy over every worker's CV shard, summed across workers."""
-    stats = [frame_stats(w.module, w.cv, run.cfg.context) for w in run.workers]
+def validate(run: Run, mid_epoch: bool = False) -> dict:
+    """CV cross-entropy and frame accuracy over every worker's CV shard, summed across workers.
+    Mid-epoch under overlap or butterfly, of a copy of the replicas' mean (they differ there)."""
+    models = run.models
+    if mid_epoch and run.cfg.averaging in UNEQUAL_REPLICAS:
+        models = averaged_copies(models, run.comm)
+    shards = [w.cv for w in run.workers]
+    stats = [frame_stats(m, cv, run.cfg.context) for m, cv in zip(models, shards, strict=True)]
     return summary(run.comm.sum_stats(stats))
 
 
@@ -348,8 +346,8 @@ def restore(run: Run) -> None:
 
 
 def log_cv(run: Run, round_: int) -> None:
-    """A mid-epoch validation point of the learning curve (the models are equal after averaging)."""
-    cv, frames = validate(run), run.frames(round_)
+    """A mid-epoch validation point of the learning curve (of the replicas' mean)."""
+    cv, frames = validate(run, mid_epoch=True), run.frames(round_)
     record = {"kind": "cv", "epoch": run.epoch, "round": round_, "frames": frames}
     record |= {"frames_per_worker": frames // run.comm.num_workers, **run.engine.syncs}
     run.log.write({**record, **prefixed("cv", cv), **extras(run)})

@@ -167,7 +167,6 @@ def test_overlap_on_two_processes_equals_in_process(
         (["--group-size", "2", "--avg-every-inner", "1"], "--group-size: overlapped"),
         (["--avg-every", "auto"], "--avg-every auto: overlapped"),
         (["--avg-warmup", "1e"], "--avg-warmup: overlapped"),
-        (["--cv-every", "2"], "--cv-every: overlapped"),
     ],
 )
 def test_overlap_refuses_what_needs_equal_replicas_mid_epoch(

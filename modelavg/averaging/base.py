@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 
 import torch
@@ -65,6 +66,19 @@ def write_back(flats: list[torch.Tensor], models: list[nn.Module]) -> None:
     for flat, model in zip(flats, models, strict=True):
         if flat is not getattr(model, "_flat_parameters", None):
             unflatten_(flat, model)
+
+
+@torch.no_grad()
+def averaged_copies(models: list[nn.Module], comm: Communicator) -> list[nn.Module]:
+    """Copies of the local replicas, each holding the mean of all replicas (one allreduce,
+    collective); the replicas stay as they are. The global model of an algorithm whose replicas
+    differ mid-epoch (overlap, butterfly), for a mid-epoch validation."""
+    copies = [copy.deepcopy(m) for m in models]
+    flats = [parameters_to_vector(c.parameters()) for c in copies]
+    comm.allreduce_mean_(flats)
+    for flat, c in zip(flats, copies, strict=True):
+        unflatten_(flat, c)
+    return copies
 
 
 class Averager(ABC):

@@ -15,8 +15,9 @@ allreduce's 15.1 / 15.2). N must be a power of 2.
 The epoch's last sync is followed by one allreduce (``settle``), so the replicas are equal when
 an epoch ends: CV, the accepted model, final.pt and the epoch's checkpoint are the average, as
 with every other algorithm. Inside an epoch the replicas differ: a mid-epoch checkpoint keeps
-each replica in its worker's file (a resume is bitwise identical), mid-epoch ``--cv-every`` is
-refused, and a resume on another N mid-epoch starts every replica from worker 0's.
+each replica in its worker's file (a resume is bitwise identical), mid-epoch ``--cv-every``
+validates a copy of their mean, and a resume on another N mid-epoch starts every replica from
+worker 0's.
 The drafts also forced the first epoch to allreduce; ``--avg-warmup`` (K = 1 allreduce for the
 given frames or epochs, then butterfly) is the nearest option.
 

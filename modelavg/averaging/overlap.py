@@ -12,7 +12,7 @@ snapshots and starts. The epoch's last sync is blocking (``settle``: wait, x_n <
 = m, since x_n = s_n right after a sync), so the replicas are equal when an epoch ends: the CV
 accuracy, the accepted model, final.pt and the epoch's checkpoint are the average of the
 replicas, as with blocking averaging. Inside an epoch the replicas differ (mid-epoch ``--cv-every``
-is refused); a mid-epoch checkpoint keeps each replica (= its snapshot) in its worker's file and
+validates a copy of their mean); a mid-epoch checkpoint keeps each replica (= its snapshot) in its worker's file and
 the started sum in the shared state, so a resume applies the same mean and is bitwise identical
 (its shared ``model`` is replica 0; the global model there is the sum / N, which a resume on
 another N starts from).

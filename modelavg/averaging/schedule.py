@@ -216,15 +216,13 @@ UNEQUAL_REPLICAS = {"overlap": "overlapped averaging", "butterfly": "butterfly m
 
 
 def refuse_unsupported(cfg: Any, warmup_rounds: int) -> None:
-    """Options that need the replicas equal mid-epoch; for overlap also those that put a
-    blocking sync inside a round."""
+    """Two-level groups need the replicas equal at a round's end; overlap also refuses what
+    puts a blocking sync inside a round."""
     name = UNEQUAL_REPLICAS.get(cfg.averaging)
     if name is None:
         return
     if cfg.group_size is not None:
         raise UsageError(f"--group-size: {name} has no two-level variant")
-    if cfg.cv_every:
-        raise UsageError(f"--cv-every: {name} has equal replicas at epoch ends only")
     if cfg.averaging != "overlap":
         return
     if cfg.avg_every == "auto":
