@@ -11,11 +11,11 @@ The first sync (of training, after a rollback, and of every epoch) has no mean t
 snapshots and starts. The epoch's last sync is blocking (``settle``: wait, x_n <- m + (x_n - s_n)
 = m, since x_n = s_n right after a sync), so the replicas are equal when an epoch ends: the CV
 accuracy, the accepted model, final.pt and the epoch's checkpoint are the average of the
-replicas, as with blocking averaging. Inside an epoch the replicas differ (mid-epoch ``--cv-every``
-validates a copy of their mean); a mid-epoch checkpoint keeps each replica (= its snapshot) in its worker's file and
-the started sum in the shared state, so a resume applies the same mean and is bitwise identical
-(its shared ``model`` is replica 0; the global model there is the sum / N, which a resume on
-another N starts from).
+replicas, as with blocking averaging. Inside an epoch the replicas differ (mid-epoch
+``--cv-every`` validates a copy of their mean); a mid-epoch checkpoint keeps each replica (= its
+snapshot) in its worker's file and the started sum in the shared state, so a resume applies the
+same mean and is bitwise identical (its shared ``model`` is replica 0; the global model there is
+the sum / N, which a resume on another N starts from).
 Costs two model copies per worker (snapshot and reduction buffer). Each replica sees the other
 workers' progress one round late. ``--optimizer-state reset`` costs nothing more; ``average``
 adds a blocking allreduce of the moments at every sync. The divergence guard reads replica 0
