@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from conftest import SMALL
 from test_averaging import mlp
-from test_launch import assert_same_model, final_state, mpirun, run
+from test_launch import assert_same_model, final_state, train_on_processes
 
 from modelavg.averaging import BlockMomentumAverager, DiLoCoAverager, ModelAverager
 from modelavg.averaging.base import flatten, unflatten_
@@ -325,13 +324,7 @@ def test_two_level_on_process_subgroups_equals_in_process(
     data_dir, tmp_path, two_level_inprocess, launcher
 ):
     out = tmp_path / launcher
-    common = ["--data", str(data_dir), "--out", str(out), *TWO_LEVEL]
-    train_cmd = [sys.executable, "-m", "modelavg", "train", *common]
-    if launcher == "gloo":
-        r = run([*train_cmd, "--workers", "4"])
-    else:
-        r = run([mpirun(), "--oversubscribe", "-np", "4", *train_cmd, "--backend", "mpi"])
-    assert r.returncode == 0, r.stdout + r.stderr
+    train_on_processes(data_dir, out, 4, launcher, *TWO_LEVEL)
     # 4 processes: gloo's ring and MPI sum the 4 replicas in another order than the in-process
     # loop, so equal up to float32 rounding (2 processes, as in test_launch, are bitwise equal)
     got, want = final_state(out), final_state(two_level_inprocess)

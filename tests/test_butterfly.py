@@ -3,13 +3,12 @@ state through a checkpoint, and in-process == gloo == MPI processes via the CLI.
 
 import copy
 import json
-import sys
 
 import pytest
 import torch
 from test_averaging import mlp
 from test_averaging_beyond import assert_resumes_bitwise, move, train
-from test_launch import assert_same_model, final_state, mpirun, run
+from test_launch import assert_same_model, final_state, train_on_processes
 from test_overlap import Scalar, values
 
 from modelavg.averaging import ButterflyAverager, make_averager
@@ -133,13 +132,7 @@ def test_butterfly_on_four_processes_equals_in_process(
     from conftest import SMALL
 
     out = tmp_path / launcher
-    cmd = [sys.executable, "-m", "modelavg", "train", *SMALL, "--data", str(data_dir)]
-    cmd += ["--out", str(out), *BUTTERFLY]
-    if launcher == "gloo":
-        r = run([*cmd, "--workers", "4"])
-    else:
-        r = run([mpirun(), "--oversubscribe", "-np", "4", *cmd, "--backend", "mpi"])
-    assert r.returncode == 0, r.stdout + r.stderr
+    train_on_processes(data_dir, out, 4, launcher, *SMALL, *BUTTERFLY)
     got, want = final_state(out), final_state(butterfly_inprocess)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4)

@@ -157,6 +157,16 @@ def mpirun() -> str:
     return path
 
 
+def train_on_processes(data: Path, out: Path, processes: int, launcher: str, *args: str) -> None:
+    """``modelavg train`` on ``processes`` gloo processes (``--workers``) or MPI ranks."""
+    cmd = [*TRAIN, "--data", str(data), "--out", str(out), *args]
+    if launcher == "gloo":
+        r = run([*cmd, "--workers", str(processes)])
+    else:
+        r = run([mpirun(), "--oversubscribe", "-np", str(processes), *cmd, "--backend", "mpi"])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("backend", ["mpi", "gloo"])
 def test_mpirun_joins_the_job(data_dir, tmp_path, inprocess_run, backend):
     out = tmp_path / f"mpirun-{backend}"

@@ -2,13 +2,12 @@
 checkpoint, the non-blocking reductions, and in-process == gloo == MPI processes via the CLI."""
 
 import copy
-import sys
 
 import pytest
 import torch
 from test_averaging import mlp
 from test_averaging_beyond import assert_resumes_bitwise, move, train
-from test_launch import assert_same_model, mpirun, run
+from test_launch import assert_same_model, train_on_processes
 
 from modelavg.averaging import ModelAverager, OverlapAverager
 from modelavg.averaging.base import flatten
@@ -151,13 +150,7 @@ def test_overlap_on_two_processes_equals_in_process(
     from conftest import SMALL
 
     out = tmp_path / launcher
-    cmd = [sys.executable, "-m", "modelavg", "train", *SMALL, "--data", str(data_dir)]
-    cmd += ["--out", str(out), *OVERLAP, "--log-every", "1"]
-    if launcher == "gloo":
-        r = run([*cmd, "--workers", "2"])
-    else:
-        r = run([mpirun(), "--oversubscribe", "-np", "2", *cmd, "--backend", "mpi"])
-    assert r.returncode == 0, r.stdout + r.stderr
+    train_on_processes(data_dir, out, 2, launcher, *SMALL, *OVERLAP, "--log-every", "1")
     assert_same_model(out, overlap_inprocess)
 
 
