@@ -3,6 +3,8 @@ state through a checkpoint, and in-process == gloo == MPI processes via the CLI.
 
 import copy
 import json
+import queue
+import threading
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from modelavg.averaging import ButterflyAverager, make_averager
 from modelavg.averaging.base import averaged_copies, flatten
 from modelavg.cli import main
 from modelavg.comm import InProcessCommunicator
+from modelavg.comm.base import Communicator
 from modelavg.comm.cast import ReducedPrecision
 from modelavg.errors import UsageError
 
@@ -46,6 +49,49 @@ def test_log2_n_syncs_without_steps_give_every_worker_the_exact_mean(n):
     for _ in range(n.bit_length() - 1):
         averager.sync(models)
     assert values(models) == [mean] * n
+
+
+class Twin(Communicator):
+    """Process ``rank`` of 2, each hosting 2 workers, exchanging through queues (threads)."""
+
+    def __init__(self, rank: int, inboxes: list[queue.Queue]) -> None:
+        self.process_rank, self.num_processes, self.local_workers = rank, 2, 2
+        self.inboxes = inboxes
+
+    def _allreduce_sum_(self, tensor: torch.Tensor) -> None:
+        raise AssertionError("butterfly syncs only exchange")
+
+    def _exchange_(self, send: torch.Tensor, recv: torch.Tensor, peer: int) -> None:
+        self.inboxes[peer].put(send.clone())
+        recv.copy_(self.inboxes[self.process_rank].get(timeout=10))
+
+
+def test_pairs_within_and_across_processes_of_two_workers_each():
+    """Workers 0, 1 | 2, 3 in two processes: distance 1 pairs inside a process, distance 2
+    across; the same numbers as 4 in-process workers."""
+    start = [1.0, 2.0, 4.0, 8.0]
+    inprocess = [torch.tensor([v]) for v in start]
+    single = InProcessCommunicator(4)
+    inboxes = [queue.Queue(), queue.Queue()]
+    halves = [[torch.tensor([v]) for v in start[:2]], [torch.tensor([v]) for v in start[2:]]]
+
+    def worker(rank: int) -> None:
+        comm = Twin(rank, inboxes)
+        for distance in (1, 2, 1):
+            comm.exchange_mean_(halves[rank], distance)
+            halves[rank][0].add_(rank + 1)  # local progress between syncs
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for distance in (1, 2, 1):
+        single.exchange_mean_(inprocess, distance)
+        inprocess[0].add_(1)
+        inprocess[2].add_(2)
+    assert [b.item() for b in halves[0] + halves[1]] == [b.item() for b in inprocess]
+    assert len({b.item() for b in inprocess}) > 1  # the steps keep them apart
 
 
 def test_butterfly_needs_a_power_of_two():
