@@ -15,6 +15,7 @@ from test_overlap import Scalar, values
 
 from modelavg.averaging import ButterflyAverager, make_averager
 from modelavg.averaging.base import averaged_copies, flatten
+from modelavg.averaging.optstate import OptimizerStateSync
 from modelavg.cli import main
 from modelavg.comm import InProcessCommunicator
 from modelavg.comm.base import Communicator
@@ -92,6 +93,24 @@ def test_pairs_within_and_across_processes_of_two_workers_each():
         inprocess[2].add_(2)
     assert [b.item() for b in halves[0] + halves[1]] == [b.item() for b in inprocess]
     assert len({b.item() for b in inprocess}) > 1  # the steps keep them apart
+
+
+def test_averaged_moments_follow_the_same_pairs():
+    """--optimizer-state average under butterfly: each momentum buffer becomes its pair's mean."""
+    models = [Scalar(1.0) for _ in range(4)]
+    opts = [torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9) for m in models]
+    for o, m, g in zip(opts, models, (1.0, 3.0, 10.0, 30.0), strict=True):
+        m.x.grad = torch.tensor([g], dtype=torch.float64)
+        o.step()  # momentum buffer = g
+    averager = OptimizerStateSync(ButterflyAverager(InProcessCommunicator(4)), opts, "average")
+
+    def buffers() -> list[float]:
+        return [o.state[m.x]["momentum_buffer"].item() for o, m in zip(opts, models, strict=True)]
+
+    averager.sync(models)  # pairs (0,1)(2,3)
+    assert buffers() == [2.0, 2.0, 20.0, 20.0]
+    averager.sync(models)  # pairs (0,2)(1,3)
+    assert buffers() == [11.0] * 4
 
 
 def test_butterfly_needs_a_power_of_two():

@@ -100,6 +100,11 @@ class Averager(ABC):
             write_back(flats, models)
         self.syncs += 1
 
+    def average_like_(self, buffers: list[torch.Tensor]) -> None:
+        """Average other per-worker buffers (one per local worker: optimiser moments) over the
+        workers the last sync averaged the models over: all of them, unless overridden."""
+        self.comm.allreduce_mean_(buffers)
+
     def settle(self, models: list[nn.Module]) -> None:  # noqa: B027
         """Make the replicas equal now, at an epoch's end; a sync that leaves them equal (all
         but overlapped averaging) has nothing left to do."""

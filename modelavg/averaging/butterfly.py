@@ -47,6 +47,7 @@ class ButterflyAverager(Averager):
         self.bits = n.bit_length() - 1  # log2 N partners, visited in turn
         self.replicas: list[torch.Tensor] = []  # the replicas as the last sync left them
         self.mixed = False  # replicas differ (a sync since the last settle or start)
+        self.last_distance = 0  # the last sync's partner distance (0: none yet, or N = 1)
 
     def partner_distance(self) -> int:
         """2^(r mod log2 N) for the coming sync r (0-based)."""
@@ -57,9 +58,14 @@ class ButterflyAverager(Averager):
         self.mixed = False
 
     def _sync(self, flats: list[torch.Tensor]) -> None:
-        if self.bits:
-            self.comm.exchange_mean_(flats, self.partner_distance())
+        self.last_distance = self.partner_distance() if self.bits else 0
+        self.average_like_(flats)
         self.replicas, self.mixed = flats, self.bits > 0
+
+    def average_like_(self, buffers: list[torch.Tensor]) -> None:
+        """Over the last sync's pairs (``--optimizer-state average``: the moments too)."""
+        if self.last_distance:
+            self.comm.exchange_mean_(buffers, self.last_distance)
 
     @torch.no_grad()
     def settle(self, models: list[nn.Module]) -> None:

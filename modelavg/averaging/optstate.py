@@ -6,7 +6,8 @@ trajectory (PyTorch RFC #59699 blames them for accuracy lost to parameter averag
 - ``local``: keep them (the paper; no wrapper);
 - ``average``: replace each moment by its mean over the same workers the models were averaged
   over: m_n <- (1/N) sum_k m_k for SGD's momentum buffer and Adam's exp_avg and exp_avg_sq
-  (fairseq BMUF's --average-sync; one more allreduce of the moment buffers);
+  (fairseq BMUF's --average-sync; one more allreduce of the moment buffers; under butterfly
+  mixing the mean of the same pair, ``Averager.average_like_``);
 - ``reset``: drop them, as CNTK's reset_sgd_momentum_after_aggregation does; the next step
   starts them afresh (SGD: buf = g; Adam: step 0, so bias correction restarts).
 
@@ -74,7 +75,7 @@ class OptimizerStateSync(Averager):
         if not per_worker[0]:
             return
         flats = [torch.cat([m.reshape(-1) for m in ms]) for ms in per_worker]
-        self.comm.allreduce_mean_(flats)
+        self.averager.average_like_(flats)
         for flat, ms in zip(flats, per_worker, strict=True):
             offset = 0
             for m in ms:
