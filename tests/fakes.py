@@ -23,5 +23,11 @@ class FakePeer(Communicator):
         tensor.mul_(2)
         self.reduced += 1
 
+    def _exchange_(self, send: torch.Tensor, recv: torch.Tensor, peer: int) -> None:
+        """The peer sends back the same buffer (butterfly mixing's exchange)."""
+        assert send.device == recv.device == self.device, f"exchange on {send.device}"
+        recv.copy_(send)
+        self.reduced += 1
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         assert tensor.device == self.device, f"broadcast on {tensor.device}, not {self.device}"
