@@ -141,10 +141,22 @@ class Communicator(ABC):
                     b.copy_(a)
             return
         peer = self.process_rank ^ (distance // self.local_workers)
+        received = self._receive_buffer(buffers[0])
         for a in buffers:
-            received = torch.empty_like(a)
             self._exchange_(a, received, peer)
             a.add_(received).mul_(0.5)
+
+    def _receive_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """A receive buffer shaped like ``like``, allocated once and reused by every exchange
+        (a model-sized allocation per sync would cost about what the exchange does)."""
+        cached = getattr(self, "_received", None)
+        if cached is None or (cached.shape, cached.dtype, cached.device) != (
+            like.shape,
+            like.dtype,
+            like.device,
+        ):
+            self._received = torch.empty_like(like)
+        return self._received
 
     def sum_stats(self, per_worker: list[torch.Tensor]) -> torch.Tensor:
         """Global sum of small per-worker statistics (returns a new tensor, inputs untouched).
